@@ -1,0 +1,170 @@
+"""LLaMA-Adapter math (arXiv 2303.16199): the one implementation used by inference and training.
+
+In an adapted layer every query also attends to K prompt vectors whose keys/values come from
+the layer's frozen wk/wv (no RoPE, no norm). That attention has its own softmax, is scaled by a
+gate (zero-initialised) and is added to the ordinary attention output before wo:
+
+    out_h = softmax(q·K_tᵀ/√d)·V_t + g_h · softmax(q·K_pᵀ/√d)·V_p
+
+A gate of zero therefore gives the base model exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AdapterWeights:
+    """What an adapter file holds: prompts and effective gates for a set of model layers."""
+
+    layers: list[int]          # model layer indices, ascending
+    prompts: torch.Tensor      # [L, K, dim]
+    gates: torch.Tensor        # [L, G], G == 1 (one per layer, PEFT) or n_heads (paper); effective values
+
+    @property
+    def adapter_len(self) -> int:
+        return int(self.prompts.shape[1])
+
+    @property
+    def gate_kind(self) -> str:
+        return "scalar" if self.gates.shape[1] == 1 else "per_head"
+
+    def param_count(self) -> int:
+        return self.prompts.numel() + self.gates.numel()
+
+
+@dataclass
+class AdapterKV:
+    """Precomputed prompt keys/values of one adapter for every model layer (zeros where unadapted).
+
+    Dense over all layers so a batch of adapters stacks with a single op per tensor.
+    """
+
+    keys: torch.Tensor         # [n_layers, Hkv, K, D]
+    values: torch.Tensor       # [n_layers, Hkv, K, D]
+    gates: torch.Tensor        # [n_layers, H] (zero where unadapted)
+    layers: tuple[int, ...]    # which layers are adapted
+
+    @property
+    def adapter_len(self) -> int:
+        return int(self.keys.shape[2])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.gates))
+
+
+def compute_adapter_kv(model, weights: AdapterWeights) -> AdapterKV:
+    """Run each adapted layer's frozen wk/wv over its prompts.
+
+    Differentiable in the prompts (training calls it every step); inference calls it once per
+    adapter version and caches the result.
+    """
+    cfg = model.config
+    n_layers, hkv, hd, h = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
+    k_len = weights.adapter_len
+    ref = model.layers[0].attention.wk.weight
+    prompts = weights.prompts.to(device=ref.device, dtype=ref.dtype)
+    gates = weights.gates.to(device=ref.device, dtype=ref.dtype)
+    keys, values, gate_rows = [], [], []
+    adapted = {layer: i for i, layer in enumerate(weights.layers)}
+    zeros_kv = prompts.new_zeros(hkv, k_len, hd)
+    for layer in range(n_layers):
+        i = adapted.get(layer)
+        if i is None:
+            keys.append(zeros_kv)
+            values.append(zeros_kv)
+            gate_rows.append(gates.new_zeros(h))
+            continue
+        attn = model.layers[layer].attention
+        keys.append(attn.wk(prompts[i]).view(k_len, hkv, hd).transpose(0, 1))
+        values.append(attn.wv(prompts[i]).view(k_len, hkv, hd).transpose(0, 1))
+        gate_rows.append(gates[i].expand(h))
+    return AdapterKV(torch.stack(keys), torch.stack(values), torch.stack(gate_rows),
+                     tuple(sorted(adapted)))
+
+
+@dataclass
+class LayerAdapterInputs:
+    keys: torch.Tensor               # [B, Hkv, K, D]
+    values: torch.Tensor             # [B, Hkv, K, D]
+    gates: torch.Tensor              # [B, H, 1, 1]
+    key_mask: torch.Tensor | None    # [B, K] bool, True = real prompt (only when K differs)
+
+
+class AdapterBatch:
+    """Per-sequence adapters for one forward pass; `None` entries mean the base model."""
+
+    def __init__(self, per_layer: list[LayerAdapterInputs | None]):
+        self.per_layer = per_layer
+
+    def layer(self, i: int) -> LayerAdapterInputs | None:
+        return self.per_layer[i]
+
+    @classmethod
+    def build(cls, entries: list[AdapterKV | None], n_layers: int) -> "AdapterBatch | None":
+        """Stack the adapters of a batch's sequences. Returns None when no sequence has one."""
+        real = [e for e in entries if e is not None]
+        if not real:
+            return None
+        ref = real[0]
+        k_max = max(e.adapter_len for e in real)
+        _, hkv, _, hd = ref.keys.shape
+        h = ref.gates.shape[1]
+        zero_kv = ref.keys.new_zeros(n_layers, hkv, k_max, hd)
+        zero_gate = ref.gates.new_zeros(n_layers, h)
+        keys, values, gates, masks = [], [], [], []
+        for e in entries:
+            if e is None:
+                keys.append(zero_kv), values.append(zero_kv), gates.append(zero_gate)
+                masks.append(k_max)
+                continue
+            pad = k_max - e.adapter_len
+            keys.append(_pad_len(e.keys, pad)), values.append(_pad_len(e.values, pad))
+            gates.append(e.gates)
+            masks.append(e.adapter_len)
+        keys_t = torch.stack(keys, dim=1)          # [n_layers, B, Hkv, K, D]
+        values_t = torch.stack(values, dim=1)
+        gates_t = torch.stack(gates, dim=1)[..., None, None]   # [n_layers, B, H, 1, 1]
+        key_mask = None
+        if any(m != k_max for m in masks):
+            key_mask = torch.arange(k_max, device=ref.keys.device)[None, :] < torch.tensor(
+                masks, device=ref.keys.device)[:, None]
+        adapted = set().union(*(e.layers for e in real))
+        return cls([LayerAdapterInputs(keys_t[i], values_t[i], gates_t[i], key_mask)
+                    if i in adapted else None for i in range(n_layers)])
+
+    @classmethod
+    def broadcast(cls, kv: AdapterKV, batch_size: int) -> "AdapterBatch":
+        """One adapter shared by the whole batch (training); keeps the autograd graph."""
+        per_layer: list[LayerAdapterInputs | None] = []
+        for i in range(kv.keys.shape[0]):
+            if i not in kv.layers:
+                per_layer.append(None)
+                continue
+            per_layer.append(LayerAdapterInputs(
+                kv.keys[i].expand(batch_size, -1, -1, -1), kv.values[i].expand(batch_size, -1, -1, -1),
+                kv.gates[i].view(1, -1, 1, 1).expand(batch_size, -1, -1, -1), None))
+        return cls(per_layer)
+
+
+def _pad_len(t: torch.Tensor, pad: int) -> torch.Tensor:
+    if pad == 0:
+        return t
+    return torch.cat([t, t.new_zeros(*t.shape[:2], pad, t.shape[3])], dim=2)
+
+
+def adapter_attention(q: torch.Tensor, a: LayerAdapterInputs) -> torch.Tensor:
+    """Gated attention of queries q [B, H, T, D] over the prompt keys/values → [B, H, T, D]."""
+    b, h, t, d = q.shape
+    hkv = a.keys.shape[1]
+    # Query heads sharing a KV head are folded together so GQA needs no key repetition.
+    qg = q.reshape(b, hkv, (h // hkv) * t, d)
+    scores = (qg @ a.keys.transpose(-1, -2)).float() * (d ** -0.5)   # [B, Hkv, gT, K]
+    if a.key_mask is not None:
+        scores = scores.masked_fill(~a.key_mask[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    out = (probs @ a.values).reshape(b, h, t, d)
+    return out * a.gates

@@ -1,0 +1,138 @@
+"""LLaMA decoder (RMSNorm, RoPE, GQA, SwiGLU) with the LLaMA-Adapter branch in attention.
+
+The model knows nothing of requests: it takes token ids, their positions, optional cache slots
+and optional per-sequence adapter inputs. Parameter names follow Meta's checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import AdapterBatch, LayerAdapterInputs, adapter_attention
+from .config import ModelConfig
+from .kv_cache import KVCache, as_slice
+from .rope import apply_rope, rope_table
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_StepContext",
+                adapter: LayerAdapterInputs | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
+        else:
+            keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.slots, ctx.positions, k, v,
+                                                    ctx.read_len)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=True)
+        if adapter is not None:
+            out = out + adapter_attention(q, adapter)
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)   # gate
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)   # down
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)   # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention = Attention(cfg, layer_idx)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, ctx, adapter):
+        h = x + self.attention(self.attention_norm(x), cos, sin, ctx, adapter)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class _StepContext:
+    """Per-forward cache addressing shared by all layers (computed once, not per layer)."""
+
+    def __init__(self, cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor):
+        self.cache = cache
+        self.positions = positions
+        self.slots: torch.Tensor | slice | None = None
+        self.mask = None
+        self.read_len = 0
+        if cache is not None:
+            if slots is None:
+                raise ValueError("a KV cache needs the slot of every sequence")
+            self.slots = as_slice(slots)
+            self.read_len = int(positions.max()) + 1
+            key_pos = torch.arange(self.read_len, device=positions.device)
+            self.mask = (key_pos[None, None, None, :] <= positions[:, None, :, None])  # [B,1,T,L]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        # Explicit device: the loaders build the model under torch.device("meta").
+        self.register_buffer("rope_cos", cos.to("cpu"), persistent=False)
+        self.register_buffer("rope_sin", sin.to("cpu"), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                adapters: AdapterBatch | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens/positions [B, T] → logits [B, T, V], or [B, V] at `logits_index` [B] if given.
+
+        With a cache, each row's new k/v are stored at (slots[b], positions[b, t]) and the
+        row attends to its slot's positions ≤ its own. Padding rows/tokens are allowed if their
+        positions stay inside the cache; their outputs are meaningless and must be ignored.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+        ctx = _StepContext(cache, slots, positions)
+        dtype = self.tok_embeddings.weight.dtype
+        cos = self.rope_cos[positions].to(dtype).unsqueeze(1)    # [B, 1, T, D]
+        sin = self.rope_sin[positions].to(dtype).unsqueeze(1)
+        x = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, ctx, adapters.layer(i) if adapters is not None else None)
+        if logits_index is not None:
+            x = x[torch.arange(b, device=x.device), logits_index]
+        return self.output(self.norm(x)).float()
