@@ -1,0 +1,164 @@
+"""Plain data passed between the HTTP layer and the engine (no torch, no HTTP here).
+
+The engine API itself (`Engine`, `RequestHandle`) lives in `server/engine.py`:
+
+    engine = Engine(loaded, registry, EngineConfig(...)); engine.start()
+    handle = engine.submit(GenerationRequest(prompt_ids, SamplingParams(...), adapter="name@2"))
+        # raises synchronously: AdapterNotFoundError (adapters.registry, a LookupError),
+        # EngineOverloadedError, InvalidRequestError, EngineClosedError
+    async for event in handle: ...          # TokenEvent per generated token
+    result = await handle.result()          # GenerationResult (raises EngineError on a crash)
+    handle.cancel()                         # finish_reason "cancelled", slot freed within one step
+    engine.add_completion_callback(fn)      # fn(result) for every finished request (metrics)
+    engine.shutdown(graceful=True)
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+FinishReason = Literal["length", "stop", "eos_token", "cancelled"]
+
+
+class InvalidRequestError(ValueError):
+    """A request parameter is out of range; `.field` names it (for 422 / 400 answers)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full; retry later (HTTP 503 / 429)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down or stopped and takes no new requests."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (a bug or a device error), not the caller's fault."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0                  # 1 = off
+    top_k: int = 0                      # 0 = off
+    repetition_penalty: float = 1.0     # 1 = off; CTRL-style over prompt + generated tokens
+    seed: int | None = None             # None = the engine picks one and reports it
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False            # when True the tokenizer's stop ids do not end generation
+    top_logprobs: int = 0               # alternatives reported per generated token
+
+    MAX_TOP_LOGPROBS = 20
+    MAX_STOP_STRINGS = 16
+
+    def validate(self) -> None:
+        def bad(name: str, message: str):
+            raise InvalidRequestError(name, message)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", f"must be an integer ≥ 1, got {self.max_new_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            bad("temperature", f"must be ≥ 0 (0 = greedy), got {self.temperature!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", f"must be an integer ≥ 0 (0 = off), got {self.top_k!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63):
+            bad("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
+        if len(self.stop) > self.MAX_STOP_STRINGS:
+            bad("stop", f"at most {self.MAX_STOP_STRINGS} stop strings")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "stop strings must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= self.MAX_TOP_LOGPROBS:
+            bad("top_logprobs", f"must be an integer in [0, {self.MAX_TOP_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None          # "name" (latest version) or "name@N"; None = base model
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str                           # newly visible text; never a partial stop string or broken UTF-8
+    logprob: float                      # log-softmax of the raw logits (before temperature etc.)
+    top_logprobs: list[tuple[int, float]]
+    special: bool
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    text: str                           # generated text, stop string (if any) excluded
+    token_ids: list[int]                # generated tokens, incl. a final stop/eos token
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    adapter_ref: str | None             # "name@N" actually used, None for the base model
+    seed: int
+    ttft_s: float                       # submit → first token
+    latency_s: float                    # submit → finish
+    stop_sequence: str | None = None    # the stop string that ended it, if any
+
+
+CompletionCallback = Callable[[GenerationResult], None]
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 32                 # concurrent sequences = KV-cache slots
+    max_seq_len: int = 2048             # prompt + generated tokens per sequence
+    max_tokens_per_step: int = 512      # prompt tokens + decode tokens in one forward (chunked prefill)
+    max_queue: int = 256                # waiting requests beyond the running batch
+    device: str | None = None           # None = the loaded model's device; must match it if given
+    dtype: str | None = None            # "float32" | "bfloat16" | "float16"; None = the model's
+    compile: bool = False               # torch.compile the decode forward (CUDA)
+
+    def validate(self) -> None:
+        for name in ("max_batch", "max_seq_len", "max_tokens_per_step", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine config {name} must be ≥ 1")
+        if self.max_tokens_per_step < self.max_batch:
+            raise ValueError("engine config max_tokens_per_step must be ≥ max_batch "
+                             "(every running sequence decodes one token per step)")
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_slots_used: int
+    kv_slots_total: int
+    kv_cache_bytes: int
+    tokens_generated_total: int
+    prompt_tokens_total: int
+    requests_finished_total: int
+    requests_cancelled_total: int
+    steps_total: int
