@@ -13,7 +13,7 @@ import torch
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
         inv = _llama3_scale(inv, scaling)
     return inv.float()
@@ -34,7 +34,7 @@ def _llama3_scale(inv: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 def rope_table(head_dim: int, max_pos: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [max_pos, head_dim] (each frequency repeated for both halves)."""
     inv = inv_frequencies(head_dim, theta, scaling)
-    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32, device="cpu"), inv)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
