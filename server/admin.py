@@ -1,0 +1,139 @@
+"""Admin API: upload (hot swap), list, show and delete adapters, behind a bearer token.
+
+The token is separate from any inference credential. Without one configured the routes are
+off and say so (403); a missing token is a 401, a wrong one a 403, compared in constant time.
+An upload is validated by the registry before it becomes a version, so a bad file never
+replaces the version being served; the new version is servable when the 201 returns.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from adapters.names import AdapterNameError
+from adapters.store import AdapterNotFoundError
+from server.routes_common import ApiError, ServerContext, get_ctx
+from server.schemas_tgi import TGIError
+
+ENV_HINT = "start the server with --admin-token or ADAPTER_SERVER_ADMIN_TOKEN"
+
+
+class VersionOut(BaseModel):
+    name: str
+    version: int
+    ref: str
+    sha256: str
+    size: int
+    created: float
+    created_iso: str
+    source: str
+    adapter_len: int
+    layers: list[int]
+    gate_kind: str
+    base_fingerprint: str
+    param_count: int
+
+
+class AdapterOut(BaseModel):
+    name: str
+    latest: int
+    versions: list[VersionOut]
+
+
+class AdapterListOut(BaseModel):
+    adapters: list[AdapterOut]
+
+
+class DeletedOut(BaseModel):
+    deleted: list[VersionOut]
+
+
+def require_admin(request: Request, ctx: ServerContext = Depends(get_ctx)) -> ServerContext:
+    token = ctx.settings.admin_token
+    if not token:
+        raise ApiError(403, f"the admin API is disabled: {ENV_HINT}", "auth")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "admin token required: send 'Authorization: Bearer <token>'", "auth",
+                       headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(403, "admin token rejected", "auth")
+    if ctx.registry is None:
+        raise ApiError(404, "this server has no adapter store", "not_found")
+    return ctx
+
+
+_ERRORS = {401: {"model": TGIError}, 403: {"model": TGIError}, 404: {"model": TGIError},
+           413: {"model": TGIError}, 422: {"model": TGIError}}
+router = APIRouter(prefix="/admin", tags=["admin"], responses=_ERRORS)
+
+
+def _lookup_error(e: Exception) -> ApiError:
+    if isinstance(e, AdapterNameError):
+        return ApiError(422, str(e), "validation", "name")
+    return ApiError(404, e.args[0] if e.args else str(e), "not_found", "name")
+
+
+def _count(ctx: ServerContext, operation: str, status: int) -> None:
+    ctx.metrics.admin_operations.labels(operation, str(status)).inc()
+
+
+@router.put("/adapters/{name}", status_code=201, response_model=VersionOut)
+async def upload_adapter(name: str, file: UploadFile = File(..., description="The adapter .safetensors"),
+                         allow_fingerprint_mismatch: bool = Query(
+                             False, description="Accept an adapter trained on a differently-fingerprinted "
+                                                "base of the same shape."),
+                         ctx: ServerContext = Depends(require_admin)):
+    """Store `file` as the next version of `name`; requests naming `name` use it from now on."""
+    try:
+        if name == ctx.model_id:
+            raise ApiError(422, f"{name!r} is the base model's id; pick another adapter name", "validation",
+                           "name")
+        data = await file.read()
+        try:
+            # Validation reads tensors and computes prefix K/V: keep it off the event loop.
+            info = await run_in_threadpool(ctx.registry.upload, name, data, source="uploaded",
+                                           allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+        except AdapterNameError as e:
+            raise ApiError(422, str(e), "validation", "name") from None
+        except ValueError as e:   # AdapterValidationError and the format's own errors
+            raise ApiError(422, f"invalid adapter upload: {e}", "validation", "file") from None
+    except ApiError as e:
+        _count(ctx, "upload", e.status)
+        raise
+    _count(ctx, "upload", 201)
+    return JSONResponse(info.to_dict(), status_code=201)
+
+
+@router.get("/adapters", response_model=AdapterListOut)
+async def list_adapters(ctx: ServerContext = Depends(require_admin)):
+    """Every adapter with all its versions."""
+    return {"adapters": [a.to_dict() for a in ctx.registry.list()]}
+
+
+@router.get("/adapters/{name}", response_model=AdapterOut)
+async def show_adapter(name: str, ctx: ServerContext = Depends(require_admin)):
+    """One adapter and all its versions."""
+    try:
+        return ctx.registry.info(name).to_dict()
+    except (AdapterNotFoundError, AdapterNameError) as e:
+        raise _lookup_error(e) from None
+
+
+@router.delete("/adapters/{name}", response_model=DeletedOut)
+async def delete_adapter(name: str, version: int | None = Query(None, ge=1, description="Only this version."),
+                         ctx: ServerContext = Depends(require_admin)):
+    """Delete one version or all of them; requests already running keep their version until done."""
+    try:
+        removed = await run_in_threadpool(ctx.registry.delete, name, version)
+    except (AdapterNotFoundError, AdapterNameError) as e:
+        err = _lookup_error(e)
+        _count(ctx, "delete", err.status)
+        raise err from None
+    _count(ctx, "delete", 200)
+    return {"deleted": [v.to_dict() for v in removed or []]}

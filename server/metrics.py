@@ -1,0 +1,96 @@
+"""Prometheus metrics of one app (its own CollectorRegistry, so several apps can live in one process).
+
+Per-request series are labelled by adapter name (the base model is `BASE_LABEL`), never by
+version or request, to keep cardinality bounded by the number of adapters. Engine and adapter-pool
+figures are read from `engine.stats()` / `registry.stats()` at scrape time, so the engine needs
+no Prometheus dependency and the gauges are never stale.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.types import EngineStats, GenerationResult
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BASE_LABEL = "(base)"   # parentheses are not allowed in adapter names, so this cannot collide
+PREFIX = "adapter_server"
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def adapter_label(adapter_ref: str | None) -> str:
+    """'name@3' -> 'name'; None (base model) -> BASE_LABEL."""
+    return BASE_LABEL if adapter_ref is None else adapter_ref.split("@", 1)[0]
+
+
+class _LiveStatsCollector(Collector):
+    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], object] | None):
+        self._engine_stats = engine_stats
+        self._pool_stats = pool_stats
+
+    def collect(self) -> Iterable:
+        s = self._engine_stats()
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a batch slot.", s.waiting)
+        yield GaugeMetricFamily(f"{PREFIX}_running_requests", "Sequences in the running batch.", s.running)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_slots_used", "KV-cache slots in use.", s.kv_slots_used)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_slots_total", "KV-cache slots allocated.", s.kv_slots_total)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage_ratio", "Fraction of KV-cache slots in use.",
+                                s.kv_slots_used / s.kv_slots_total if s.kv_slots_total else 0.0)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_bytes", "Bytes allocated for the KV cache.", s.kv_cache_bytes)
+        yield CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine forward steps.", s.steps_total)
+        if self._pool_stats is None:
+            return
+        p = self._pool_stats()
+        yield GaugeMetricFamily(f"{PREFIX}_adapters_resident", "Adapter versions resident on the device.",
+                                p.resident)
+        yield GaugeMetricFamily(f"{PREFIX}_adapters_resident_bytes", "Device bytes held by resident adapters.",
+                                p.resident_bytes)
+        yield CounterMetricFamily(f"{PREFIX}_adapter_loads", "Adapter versions loaded onto the device.", p.loads)
+        yield CounterMetricFamily(f"{PREFIX}_adapter_evictions", "Adapter versions evicted from the device.",
+                                  p.evictions)
+        yield CounterMetricFamily(f"{PREFIX}_adapter_hits", "Adapter acquisitions served by a resident copy.",
+                                  p.hits)
+
+
+class ServerMetrics:
+    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], object] | None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "Finished HTTP generation requests.",
+                                ["adapter", "endpoint", "status"], registry=r)
+        self.finish_reasons = Counter(f"{PREFIX}_finish_reasons", "Why generations ended.",
+                                      ["adapter", "reason"], registry=r)
+        self.latency = Histogram(f"{PREFIX}_request_latency_seconds", "Submit to last token.",
+                                 ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Submit to first token.",
+                              ["adapter"], buckets=_TTFT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
+        self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated.", ["adapter"], registry=r)
+        self.admin_operations = Counter(f"{PREFIX}_admin_operations", "Admin API calls.",
+                                        ["operation", "status"], registry=r)
+        r.register(_LiveStatsCollector(engine_stats, pool_stats))
+
+    def observe(self, endpoint: str, status: int, adapter: str, result: GenerationResult | None) -> None:
+        """Record one HTTP generation request; `adapter` is the requested name (or BASE_LABEL).
+
+        `status` is the HTTP status, except 499 for a client that went away mid-request.
+        """
+        self.requests.labels(adapter, endpoint, str(status)).inc()
+        if result is None:
+            return
+        self.finish_reasons.labels(adapter, result.finish_reason).inc()
+        self.prompt_tokens.labels(adapter).inc(result.prompt_tokens)
+        self.generated_tokens.labels(adapter).inc(result.generated_tokens)
+        if result.finish_reason != "cancelled":
+            self.latency.labels(adapter).observe(result.latency_s)
+        if result.generated_tokens:
+            self.ttft.labels(adapter).observe(result.ttft_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

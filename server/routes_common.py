@@ -1,0 +1,171 @@
+"""Pieces every route module shares: the per-app context, API errors, engine calls with
+cancellation on client disconnect, and the SSE response."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+
+from adapters.names import AdapterNameError
+from adapters.store import AdapterNotFoundError
+from server.metrics import ServerMetrics
+from server.types import (EngineClosedError, EngineError, EngineOverloadedError, GenerationRequest,
+                          GenerationResult, InvalidRequestError, SamplingParams)
+
+MIN_LOGPROB = -9999.0   # what OpenAI reports for impossible tokens; JSON has no -inf
+
+
+@dataclass
+class ServerSettings:
+    admin_token: str | None = None         # None or "" = admin routes off
+    max_body_bytes: int = 4 << 20          # JSON request bodies
+    max_upload_bytes: int = 64 << 20       # adapter uploads (PUT /admin/adapters/{name})
+    default_max_new_tokens: int = 256      # when a request names no limit (capped by the context)
+    retry_after_s: int = 1                 # Retry-After on 503 when the queue is full
+    model_id: str | None = None            # OpenAI id of the base model; None = the loaded model's name
+
+
+@dataclass
+class ServerContext:
+    engine: Any                            # server.engine.Engine
+    registry: Any                          # adapters.registry.AdapterRegistry | None
+    loaded: Any                            # model.loading.LoadedModel
+    settings: ServerSettings
+    metrics: ServerMetrics
+    model_id: str
+    ready: bool = False
+    created: int = 0                       # unix time the app was built (OpenAI `created`)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.config.max_seq_len
+
+
+def get_ctx(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+class ApiError(Exception):
+    """An error answer; rendered as TGI's or OpenAI's error shape depending on the route."""
+
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.headers = headers or {}
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready (recorded as status 499)."""
+
+
+def engine_error(e: Exception, settings: ServerSettings, validation_status: int = 422) -> ApiError:
+    """Translate what `engine.submit` / `handle.result` raise into an HTTP answer."""
+    if isinstance(e, (AdapterNotFoundError, AdapterNameError)):
+        message = e.args[0] if e.args else str(e)
+        return ApiError(404, f"adapter not found: {message}", "not_found", "adapter")
+    if isinstance(e, InvalidRequestError):
+        return ApiError(validation_status, str(e), "validation", e.field)
+    if isinstance(e, EngineOverloadedError):
+        return ApiError(503, f"server overloaded, retry later: {e}", "overloaded",
+                        headers={"Retry-After": str(settings.retry_after_s)})
+    if isinstance(e, EngineClosedError):
+        return ApiError(503, f"server is shutting down: {e}", "unavailable",
+                        headers={"Retry-After": str(settings.retry_after_s)})
+    if isinstance(e, EngineError):
+        return ApiError(500, f"generation failed: {e}", "generation")
+    raise e
+
+
+def encode_prompt(ctx: ServerContext, text: str, add_bos: bool | None = None) -> list[int]:
+    ids = ctx.tokenizer.encode(text, add_bos=add_bos)
+    if not ids:
+        raise InvalidRequestError("inputs", "the prompt encodes to zero tokens")
+    return ids
+
+
+def resolve_max_new_tokens(ctx: ServerContext, requested: int | None, prompt_len: int) -> int:
+    """A request without a limit gets the server default, capped by the room left in the context."""
+    if requested is not None:
+        return requested
+    return max(1, min(ctx.settings.default_max_new_tokens, ctx.max_seq_len - prompt_len))
+
+
+def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
+           validation_status: int = 422):
+    """Validate and enqueue; raise ApiError for anything the caller did wrong or overload."""
+    try:
+        params.validate()
+        return ctx.engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter))
+    except (AdapterNotFoundError, AdapterNameError, InvalidRequestError, EngineOverloadedError,
+            EngineClosedError, EngineError) as e:
+        raise engine_error(e, ctx.settings, validation_status) from None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def result_unless_disconnected(request: Request, handle) -> GenerationResult:
+    """Await a non-streamed result; if the client hangs up first, cancel the request (slot freed)."""
+    result_task = asyncio.ensure_future(handle.result())
+    disconnect_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({result_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
+        if result_task not in done:
+            handle.cancel()
+            raise ClientDisconnected()
+        return result_task.result()
+    finally:
+        disconnect_task.cancel()
+        if not result_task.done():
+            handle.cancel()
+            result_task.cancel()
+
+
+def finite_logprob(x: float) -> float:
+    return max(float(x), MIN_LOGPROB) if not math.isnan(x) else MIN_LOGPROB
+
+
+def sse(payload: BaseModel | dict | str) -> str:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json(exclude_none=False)
+    elif isinstance(payload, dict):
+        payload = json.dumps(payload, ensure_ascii=False)
+    return f"data: {payload}\n\n"
+
+
+class EngineEventStream(StreamingResponse):
+    """SSE response whose body generator is always closed when the response ends, however it
+    ends (done, client disconnect, server shutdown), so its `finally` cancels the engine request
+    and records metrics deterministically rather than whenever the generator is collected."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None] | None = None):
+        super().__init__(body, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._body = body
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._body.aclose()
+            if self._on_close is not None:
+                self._on_close()

@@ -1,0 +1,223 @@
+"""TGI / LoRAX native API: `POST /generate`, `POST /generate_stream`, and the compat `POST /`
+that the `text-generation` and `lorax-client` packages actually call."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from server.metrics import adapter_label
+from server.routes_common import (ApiError, ClientDisconnected, EngineEventStream, ServerContext,
+                                  encode_prompt, engine_error, finite_logprob, get_ctx,
+                                  resolve_max_new_tokens, result_unless_disconnected, sse, submit)
+from server.schemas_tgi import (AlternativeToken, Details, GenerateResponse, InputToken, StreamDetails,
+                                StreamResponse, TGIError, TGIParameters, TGIRequest, Token)
+from server.types import EngineError, GenerationResult, InvalidRequestError, SamplingParams, TokenEvent
+
+router = APIRouter(tags=["TGI / LoRAX"])
+
+_FINISH = {"length": "length", "eos_token": "eos_token", "stop": "stop_sequence"}
+_ERRORS = {404: {"model": TGIError}, 413: {"model": TGIError}, 422: {"model": TGIError},
+           503: {"model": TGIError}}
+
+
+def _refuse_unsupported(p: TGIParameters) -> None:
+    """Parameters the clients may send that this server cannot honour: a clear 422, not a shrug."""
+    if p.adapter_source not in (None, "local"):
+        raise InvalidRequestError("adapter_source", f"{p.adapter_source!r} is not supported: adapters are "
+                                  "served from this server's store (upload them with PUT /admin/adapters)")
+    checks = [
+        ("merged_adapters", p.merged_adapters is not None, "adapter merging is not supported"),
+        ("frequency_penalty", p.frequency_penalty not in (None, 0.0), "not supported"),
+        ("typical_p", p.typical_p not in (None, 1.0), "typical sampling is not supported"),
+        ("best_of", p.best_of not in (None, 1), "only best_of=1 is supported"),
+        ("watermark", p.watermark, "watermarking is not supported"),
+        ("response_format", p.response_format is not None, "constrained decoding is not supported"),
+        ("grammar", p.grammar is not None, "constrained decoding is not supported"),
+    ]
+    for name, bad, why in checks:
+        if bad:
+            raise InvalidRequestError(name, why)
+    for name in ("return_k_alternatives", "top_n_tokens", "truncate"):
+        value = getattr(p, name)
+        if value is not None and value < 1:
+            raise InvalidRequestError(name, f"must be ≥ 1, got {value}")
+
+
+def _sampling_params(ctx: ServerContext, p: TGIParameters, prompt_len: int) -> SamplingParams:
+    # TGI samples when asked to or when any sampling knob is set; otherwise it decodes greedily.
+    sampling = (p.do_sample or p.temperature not in (None, 1.0) or p.top_k not in (None, 0)
+                or p.top_p not in (None, 1.0))
+    return SamplingParams(
+        max_new_tokens=resolve_max_new_tokens(ctx, p.max_new_tokens, prompt_len),
+        temperature=(1.0 if p.temperature is None else p.temperature) if sampling else 0.0,
+        top_p=1.0 if p.top_p is None else p.top_p,
+        top_k=p.top_k or 0,
+        repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+        seed=p.seed,
+        stop=list(p.stop),
+        ignore_eos=p.ignore_eos_token,
+        top_logprobs=max(p.return_k_alternatives or 0, p.top_n_tokens or 0),
+    )
+
+
+def _requested_adapter(body: TGIRequest) -> str | None:
+    top, inner = body.adapter_id, body.parameters.adapter_id
+    if top is not None and inner is not None and top != inner:
+        raise ApiError(422, "adapter_id given twice with different values", "validation", "adapter_id")
+    return top if top is not None else inner
+
+
+class _Call:
+    """One TGI request translated for the engine, and its answer translated back."""
+
+    def __init__(self, ctx: ServerContext, body: TGIRequest, adapter: str | None):
+        p = body.parameters
+        self.ctx, self.body, self.p, self.adapter = ctx, body, p, adapter
+        try:
+            _refuse_unsupported(p)
+            self.prompt_ids = encode_prompt(ctx, body.inputs)
+            if p.truncate is not None:
+                self.prompt_ids = self.prompt_ids[-p.truncate:]
+            self.params = _sampling_params(ctx, p, len(self.prompt_ids))
+        except InvalidRequestError as e:
+            raise engine_error(e, ctx.settings) from None
+        self.sampled = self.params.temperature > 0
+
+    def submit(self):
+        return submit(self.ctx, self.prompt_ids, self.params, self.adapter)
+
+    def _finish_reason(self, result: GenerationResult) -> str:
+        if result.finish_reason == "cancelled":
+            raise ApiError(503, "the request was cancelled (server shutting down)", "unavailable")
+        return _FINISH[result.finish_reason]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.ctx.tokenizer.decode([token_id], skip_special=False)
+
+    def _alternatives(self, top: list[tuple[int, float]]) -> list[AlternativeToken]:
+        return [AlternativeToken(id=i, text=self._token_text(i), logprob=finite_logprob(lp)) for i, lp in top]
+
+    def _top_tokens(self, top: list[tuple[int, float]]) -> list[Token]:
+        return [Token(id=i, text=self._token_text(i), logprob=finite_logprob(lp),
+                      special=self.ctx.tokenizer.is_special(i)) for i, lp in top]
+
+    def _token(self, token_id: int, text: str, logprob: float, special: bool,
+               top: list[tuple[int, float]]) -> Token:
+        alternatives = self._alternatives(top) if self.p.return_k_alternatives else None
+        return Token(id=token_id, text=text, logprob=finite_logprob(logprob), special=special,
+                     alternative_tokens=alternatives)
+
+    def full_text(self, text: str) -> str:
+        return self.body.inputs + text if self.p.return_full_text else text
+
+    def response(self, result: GenerationResult) -> GenerateResponse:
+        finish = self._finish_reason(result)
+        details = None
+        if self.p.details:
+            tokens = [self._token(t, self._token_text(t), lp, self.ctx.tokenizer.is_special(t), top)
+                      for t, lp, top in zip(result.token_ids, result.logprobs, result.top_logprobs)]
+            prefill = ([InputToken(id=t, text=self._token_text(t)) for t in self.prompt_ids]
+                       if self.p.decoder_input_details else [])
+            top_tokens = ([self._top_tokens(top) for top in result.top_logprobs]
+                          if self.p.top_n_tokens else None)
+            details = Details(finish_reason=finish, prompt_tokens=result.prompt_tokens,
+                              generated_tokens=result.generated_tokens,
+                              seed=result.seed if self.sampled else None, prefill=prefill, tokens=tokens,
+                              top_tokens=top_tokens)
+        return GenerateResponse(generated_text=self.full_text(result.text), details=details)
+
+    def stream_event(self, ev: TokenEvent, result: GenerationResult | None = None) -> StreamResponse:
+        text = ev.text if not ev.special else self._token_text(ev.token_id)
+        event = StreamResponse(token=self._token(ev.token_id, text, ev.logprob, ev.special, ev.top_logprobs),
+                               top_tokens=self._top_tokens(ev.top_logprobs) if self.p.top_n_tokens else None)
+        if result is not None:
+            event.generated_text = self.full_text(result.text)
+            event.details = StreamDetails(finish_reason=self._finish_reason(result),
+                                          prompt_tokens=result.prompt_tokens,
+                                          generated_tokens=result.generated_tokens,
+                                          seed=result.seed if self.sampled else None)
+        return event
+
+
+async def _generate(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str,
+                    as_list: bool) -> JSONResponse:
+    adapter = _requested_adapter(body)
+    label = adapter_label(adapter)
+    try:
+        call = _Call(ctx, body, adapter)
+        handle = call.submit()
+        try:
+            result = await result_unless_disconnected(request, handle)
+        except EngineError as e:
+            raise engine_error(e, ctx.settings) from None
+        answer = call.response(result)
+    except ApiError as e:
+        ctx.metrics.observe(endpoint, e.status, label, None)
+        raise
+    except ClientDisconnected:
+        ctx.metrics.observe(endpoint, 499, label, None)
+        raise
+    ctx.metrics.observe(endpoint, 200, label, result)
+    content = answer.model_dump(mode="json")
+    return JSONResponse([content] if as_list else content)
+
+
+def _stream(ctx: ServerContext, body: TGIRequest, endpoint: str) -> EngineEventStream:
+    adapter = _requested_adapter(body)
+    label = adapter_label(adapter)
+    try:
+        call = _Call(ctx, body, adapter)
+        handle = call.submit()
+    except ApiError as e:
+        ctx.metrics.observe(endpoint, e.status, label, None)
+        raise
+    outcome: dict = {"status": 499, "result": None}
+
+    async def events() -> AsyncIterator[str]:
+        # TGI puts generated_text/details on the last token's event, so each event is held back
+        # until the next one (or the end) shows whether it is the last.
+        try:
+            pending: TokenEvent | None = None
+            async for ev in handle:
+                if pending is not None:
+                    yield sse(call.stream_event(pending))
+                pending = ev
+            result = await handle.result()
+            if pending is not None:
+                yield sse(call.stream_event(pending, result))
+            outcome.update(status=200, result=result)
+        except (ApiError, EngineError) as e:
+            err = e if isinstance(e, ApiError) else engine_error(e, ctx.settings)
+            outcome.update(status=err.status)
+            yield sse(TGIError(error=err.message, error_type=err.kind))
+        finally:
+            handle.cancel()   # no-op when finished; frees the slot when the client went away
+
+    def record() -> None:
+        ctx.metrics.observe(endpoint, outcome["status"], label, outcome["result"])
+
+    return EngineEventStream(events(), on_close=record)
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
+async def generate(request: Request, body: TGIRequest, ctx: ServerContext = Depends(get_ctx)):
+    """Generate text (TGI/LoRAX schema); `adapter_id` selects the adapter, null = base model."""
+    return await _generate(request, ctx, body, "generate", as_list=False)
+
+
+@router.post("/generate_stream", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS})
+async def generate_stream(body: TGIRequest, ctx: ServerContext = Depends(get_ctx)):
+    """Stream tokens as server-sent events, one `data:` per token; the last adds generated_text and details."""
+    return _stream(ctx, body, "generate_stream")
+
+
+@router.post("/", response_model=list[GenerateResponse],
+             responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS})
+async def compat_generate(request: Request, body: TGIRequest, ctx: ServerContext = Depends(get_ctx)):
+    """TGI's compat route used by its Python clients: a one-element list, or SSE when `stream` is true."""
+    if body.stream:
+        return _stream(ctx, body, "compat_stream")
+    return await _generate(request, ctx, body, "compat", as_list=True)
