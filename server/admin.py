@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from adapters.names import AdapterNameError
+from adapters.names import AdapterNameError, check_name
 from adapters.store import AdapterNotFoundError
 from server.routes_common import ApiError, ServerContext, get_ctx
 from server.schemas_tgi import TGIError
@@ -91,6 +91,10 @@ async def upload_adapter(name: str, file: UploadFile = File(..., description="Th
                          ctx: ServerContext = Depends(require_admin)):
     """Store `file` as the next version of `name`; requests naming `name` use it from now on."""
     try:
+        try:
+            check_name(name)
+        except AdapterNameError as e:
+            raise ApiError(422, str(e), "validation", "name") from None
         if name == ctx.model_id:
             raise ApiError(422, f"{name!r} is the base model's id; pick another adapter name", "validation",
                            "name")
@@ -99,8 +103,6 @@ async def upload_adapter(name: str, file: UploadFile = File(..., description="Th
             # Validation reads tensors and computes prefix K/V: keep it off the event loop.
             info = await run_in_threadpool(ctx.registry.upload, name, data, source="uploaded",
                                            allow_fingerprint_mismatch=allow_fingerprint_mismatch)
-        except AdapterNameError as e:
-            raise ApiError(422, str(e), "validation", "name") from None
         except ValueError as e:   # AdapterValidationError and the format's own errors
             raise ApiError(422, f"invalid adapter upload: {e}", "validation", "file") from None
     except ApiError as e:

@@ -133,9 +133,8 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
 
     @app.get("/ready", tags=["ops"], responses={503: {"description": "not ready"}})
     async def ready(c: ServerContext = Depends(get_ctx)):
-        """Readiness: model loaded, engine running, not shutting down."""
-        running = getattr(c.engine, "is_running", True)
-        if c.ready and running:
+        """Readiness: model loaded, engine started, not shutting down."""
+        if c.ready:
             return {"status": "ready", "model": c.model_id}
         return JSONResponse({"status": "not ready", "model": c.model_id}, status_code=503)
 

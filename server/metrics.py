@@ -14,10 +14,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from adapters.pool import PoolStats
 from server.types import EngineStats, GenerationResult
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-BASE_LABEL = "(base)"   # parentheses are not allowed in adapter names, so this cannot collide
+# Parentheses are not allowed in adapter names, so these cannot collide with one.
+BASE_LABEL = "(base)"
+UNKNOWN_LABEL = "(unknown)"   # requests naming an adapter that does not exist
 PREFIX = "adapter_server"
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -30,7 +33,7 @@ def adapter_label(adapter_ref: str | None) -> str:
 
 
 class _LiveStatsCollector(Collector):
-    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], object] | None):
+    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], PoolStats] | None):
         self._engine_stats = engine_stats
         self._pool_stats = pool_stats
 
@@ -48,7 +51,9 @@ class _LiveStatsCollector(Collector):
             return
         p = self._pool_stats()
         yield GaugeMetricFamily(f"{PREFIX}_adapters_resident", "Adapter versions resident on the device.",
-                                p.resident)
+                                p.resident_count)
+        yield GaugeMetricFamily(f"{PREFIX}_adapters_pinned", "Resident adapter versions in use by requests.",
+                                p.pinned_count)
         yield GaugeMetricFamily(f"{PREFIX}_adapters_resident_bytes", "Device bytes held by resident adapters.",
                                 p.resident_bytes)
         yield CounterMetricFamily(f"{PREFIX}_adapter_loads", "Adapter versions loaded onto the device.", p.loads)
@@ -56,10 +61,12 @@ class _LiveStatsCollector(Collector):
                                   p.evictions)
         yield CounterMetricFamily(f"{PREFIX}_adapter_hits", "Adapter acquisitions served by a resident copy.",
                                   p.hits)
+        yield CounterMetricFamily(f"{PREFIX}_adapter_load_seconds", "Time spent loading adapters.",
+                                  p.load_seconds_total)
 
 
 class ServerMetrics:
-    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], object] | None):
+    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], PoolStats] | None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "Finished HTTP generation requests.",

@@ -14,8 +14,9 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
 from adapters.names import AdapterNameError
-from adapters.store import AdapterNotFoundError
-from server.metrics import ServerMetrics
+from adapters.store import AdapterNotFoundError, StoreCorruptError
+from adapters.validation import AdapterValidationError
+from server.metrics import UNKNOWN_LABEL, ServerMetrics, adapter_label
 from server.types import (EngineClosedError, EngineError, EngineOverloadedError, GenerationRequest,
                           GenerationResult, InvalidRequestError, SamplingParams)
 
@@ -50,7 +51,7 @@ class ServerContext:
 
     @property
     def max_seq_len(self) -> int:
-        return self.engine.config.max_seq_len
+        return self.engine.max_seq_len
 
 
 def get_ctx(request: Request) -> ServerContext:
@@ -74,8 +75,9 @@ class ClientDisconnected(Exception):
 def engine_error(e: Exception, settings: ServerSettings, validation_status: int = 422) -> ApiError:
     """Translate what `engine.submit` / `handle.result` raise into an HTTP answer."""
     if isinstance(e, (AdapterNotFoundError, AdapterNameError)):
-        message = e.args[0] if e.args else str(e)
-        return ApiError(404, f"adapter not found: {message}", "not_found", "adapter")
+        return ApiError(404, e.args[0] if e.args else str(e), "not_found", "adapter")
+    if isinstance(e, AdapterValidationError):   # stored, but unusable with this base model
+        return ApiError(422, str(e), "validation", "adapter")
     if isinstance(e, InvalidRequestError):
         return ApiError(validation_status, str(e), "validation", e.field)
     if isinstance(e, EngineOverloadedError):
@@ -84,7 +86,7 @@ def engine_error(e: Exception, settings: ServerSettings, validation_status: int 
     if isinstance(e, EngineClosedError):
         return ApiError(503, f"server is shutting down: {e}", "unavailable",
                         headers={"Retry-After": str(settings.retry_after_s)})
-    if isinstance(e, EngineError):
+    if isinstance(e, (EngineError, StoreCorruptError)):
         return ApiError(500, f"generation failed: {e}", "generation")
     raise e
 
@@ -103,14 +105,37 @@ def resolve_max_new_tokens(ctx: ServerContext, requested: int | None, prompt_len
     return max(1, min(ctx.settings.default_max_new_tokens, ctx.max_seq_len - prompt_len))
 
 
-def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
+def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | None:
+    """'name' or 'name@N' → the exact 'name@N' to serve (None = base model), or a 404.
+
+    Pinning the version here means everything said about the request (metrics label,
+    system_fingerprint) names the version that actually serves it, even if an upload lands
+    between this call and the engine's."""
+    if requested is None:
+        return None
+    if ctx.registry is None:
+        raise ApiError(404, f"adapter not found: {requested!r} (this server has no adapter store)",
+                       "not_found", "adapter")
+    try:
+        return ctx.registry.resolve(requested).ref
+    except (AdapterNotFoundError, AdapterNameError) as e:
+        raise engine_error(e, ctx.settings) from None
+
+
+def request_label(requested: str | None) -> str:
+    """Metrics label before the adapter is resolved: unknown names must not become label values
+    (anyone could otherwise create unbounded series)."""
+    return adapter_label(None) if requested is None else UNKNOWN_LABEL
+
+
+def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, adapter_ref: str | None,
            validation_status: int = 422):
     """Validate and enqueue; raise ApiError for anything the caller did wrong or overload."""
     try:
         params.validate()
-        return ctx.engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter))
-    except (AdapterNotFoundError, AdapterNameError, InvalidRequestError, EngineOverloadedError,
-            EngineClosedError, EngineError) as e:
+        return ctx.engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter_ref))
+    except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, InvalidRequestError,
+            EngineOverloadedError, EngineClosedError, EngineError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings, validation_status) from None
 
 

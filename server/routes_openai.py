@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 
 from server.metrics import adapter_label
 from server.routes_common import (ApiError, ClientDisconnected, EngineEventStream, ServerContext,
-                                  encode_prompt, engine_error, finite_logprob, get_ctx,
-                                  resolve_max_new_tokens, result_unless_disconnected, sse, submit)
+                                  encode_prompt, engine_error, finite_logprob, get_ctx, request_label,
+                                  resolve_adapter, resolve_max_new_tokens, result_unless_disconnected,
+                                  sse, submit)
 from server.schemas_openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs,
                                    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -78,10 +79,9 @@ def _sampling_params(ctx: ServerContext, body: _SamplingFields, max_tokens: int 
 class _Call:
     """One OpenAI request: prompt, sampling parameters, adapter, and the answer's pieces."""
 
-    def __init__(self, ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest):
-        self.ctx, self.body = ctx, body
-        self.adapter = None if body.model == ctx.model_id else body.model
-        self.label = adapter_label(self.adapter)
+    def __init__(self, ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest,
+                 adapter_ref: str | None):
+        self.ctx, self.body, self.adapter_ref = ctx, body, adapter_ref
         self.id = ""
         self.created = int(time.time())
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -127,27 +127,27 @@ class _Call:
         return prompt, encode_prompt(self.ctx, prompt)
 
     def submit(self):
-        handle = submit(self.ctx, self.prompt_ids, self.params, self.adapter, validation_status=400)
+        handle = submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref, validation_status=400)
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + handle.request_id
         return handle
 
-    def fingerprint(self, adapter_ref: str | None) -> str:
-        """Which exact weights answered: base fingerprint, plus the adapter version if any."""
+    def fingerprint(self) -> str:
+        """Which exact weights answer: base fingerprint, plus the adapter version if any."""
         base = self.ctx.loaded.fingerprint[:16]
-        return f"{base}+{adapter_ref}" if adapter_ref else base
+        return f"{base}+{self.adapter_ref}" if self.adapter_ref else base
 
     def usage(self, result: GenerationResult) -> Usage:
         return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.generated_tokens,
                      total_tokens=result.prompt_tokens + result.generated_tokens)
 
     # --- logprobs --------------------------------------------------------------------------
-    def _token_str(self, token_id: int) -> str:
+    def token_str(self, token_id: int) -> str:
         return self.ctx.tokenizer.decode([token_id], skip_special=False)
 
     def _chat_logprobs(self, tokens) -> ChoiceLogprobs:
         """tokens: (id, logprob, top) of visible (non-special) generated tokens."""
         def entry(cls, token_id, lp, **extra):
-            s = self._token_str(token_id)
+            s = self.token_str(token_id)
             return cls(token=s, logprob=finite_logprob(lp), bytes=list(s.encode("utf-8")), **extra)
         return ChoiceLogprobs(content=[
             entry(TokenLogprob, t, lp, top_logprobs=[entry(TopLogprob, i, l) for i, l in top])
@@ -156,10 +156,10 @@ class _Call:
     def _completion_logprobs(self, tokens, offset: int) -> CompletionLogprobs:
         strs, offsets = [], []
         for t, _, _ in tokens:
-            strs.append(self._token_str(t))
+            strs.append(self.token_str(t))
             offsets.append(offset)
             offset += len(strs[-1])
-        tops = [{self._token_str(i): finite_logprob(l) for i, l in top} for _, _, top in tokens]
+        tops = [{self.token_str(i): finite_logprob(l) for i, l in top} for _, _, top in tokens]
         return CompletionLogprobs(tokens=strs, token_logprobs=[finite_logprob(lp) for _, lp, _ in tokens],
                                   top_logprobs=tops, text_offset=offsets)
 
@@ -178,7 +178,7 @@ class _Call:
         finish = _finish(result)
         logprobs = self.logprobs(self.visible_tokens(result))
         common = dict(id=self.id, created=self.created, model=self.body.model,
-                      system_fingerprint=self.fingerprint(result.adapter_ref), usage=self.usage(result))
+                      system_fingerprint=self.fingerprint(), usage=self.usage(result))
         if self.chat:
             choice = ChatChoice(index=0, message=AssistantMessage(content=result.text), logprobs=logprobs,
                                 finish_reason=finish)
@@ -188,11 +188,9 @@ class _Call:
                                                     finish_reason=finish)], **common)
 
     def chunk(self, text: str | None, tokens=(), finish: str | None = None, role: bool = False,
-              offset: int = 0, usage: Usage | None = None, adapter_ref: str | None = None,
-              final_usage_chunk: bool = False):
+              offset: int = 0, usage: Usage | None = None, final_usage_chunk: bool = False):
         common = dict(id=self.id, created=self.created, model=self.body.model,
-                      system_fingerprint=self.fingerprint(adapter_ref),
-                      usage=usage)
+                      system_fingerprint=self.fingerprint(), usage=usage)
         logprobs = self.logprobs(list(tokens), offset) if tokens else None
         if self.chat:
             choices = [] if final_usage_chunk else [ChatChunkChoice(
@@ -210,12 +208,15 @@ def _dump(model) -> str:
 
 
 async def _complete(request: Request, ctx: ServerContext, body, endpoint: str):
-    label = adapter_label(None if body.model == ctx.model_id else body.model)
+    requested = None if body.model == ctx.model_id else body.model
+    label = request_label(requested)
     try:
-        call = _Call(ctx, body)
-        if body.stream:
-            return _stream(ctx, call, endpoint)
+        adapter_ref = resolve_adapter(ctx, requested)
+        label = adapter_label(adapter_ref)
+        call = _Call(ctx, body, adapter_ref)
         handle = call.submit()
+        if body.stream:
+            return _stream(ctx, call, handle, endpoint, label)
         try:
             result = await result_unless_disconnected(request, handle)
         except EngineError as e:
@@ -227,12 +228,11 @@ async def _complete(request: Request, ctx: ServerContext, body, endpoint: str):
     except ClientDisconnected:
         ctx.metrics.observe(endpoint, 499, label, None)
         raise
-    ctx.metrics.observe(endpoint, 200, call.label, result)
+    ctx.metrics.observe(endpoint, 200, label, result)
     return JSONResponse(answer.model_dump(mode="json", exclude_none=False))
 
 
-def _stream(ctx: ServerContext, call: _Call, endpoint: str) -> EngineEventStream:
-    handle = call.submit()
+def _stream(ctx: ServerContext, call: _Call, handle, endpoint: str, label: str) -> EngineEventStream:
     outcome: dict = {"status": 499, "result": None}
 
     async def events() -> AsyncIterator[str]:
@@ -246,13 +246,11 @@ def _stream(ctx: ServerContext, call: _Call, endpoint: str) -> EngineEventStream
                 visible = [] if ev.special else [(ev.token_id, ev.logprob, ev.top_logprobs)]
                 if ev.text or (visible and call.want_logprobs):
                     yield _dump(call.chunk(ev.text, visible, offset=offset))
-                    offset += sum(len(call._token_str(t)) for t, _, _ in visible)
+                    offset += sum(len(call.token_str(t)) for t, _, _ in visible)
             result = await handle.result()
-            yield _dump(call.chunk("" if not call.chat else None, finish=_finish(result),
-                                   adapter_ref=result.adapter_ref))
+            yield _dump(call.chunk("" if not call.chat else None, finish=_finish(result)))
             if call.include_usage:
-                yield _dump(call.chunk(None, usage=call.usage(result), adapter_ref=result.adapter_ref,
-                                       final_usage_chunk=True))
+                yield _dump(call.chunk(None, usage=call.usage(result), final_usage_chunk=True))
             outcome.update(status=200, result=result)
             yield "data: [DONE]\n\n"
         except (ApiError, EngineError) as e:
@@ -263,7 +261,7 @@ def _stream(ctx: ServerContext, call: _Call, endpoint: str) -> EngineEventStream
             handle.cancel()   # no-op when finished; frees the slot when the client went away
 
     def record() -> None:
-        ctx.metrics.observe(endpoint, outcome["status"], call.label, outcome["result"])
+        ctx.metrics.observe(endpoint, outcome["status"], label, outcome["result"])
 
     return EngineEventStream(events(), on_close=record)
 

@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse
 
 from server.metrics import adapter_label
 from server.routes_common import (ApiError, ClientDisconnected, EngineEventStream, ServerContext,
-                                  encode_prompt, engine_error, finite_logprob, get_ctx,
-                                  resolve_max_new_tokens, result_unless_disconnected, sse, submit)
+                                  encode_prompt, engine_error, finite_logprob, get_ctx, request_label,
+                                  resolve_adapter, resolve_max_new_tokens, result_unless_disconnected,
+                                  sse, submit)
 from server.schemas_tgi import (AlternativeToken, Details, GenerateResponse, InputToken, StreamDetails,
                                 StreamResponse, TGIError, TGIParameters, TGIRequest, Token)
 from server.types import EngineError, GenerationResult, InvalidRequestError, SamplingParams, TokenEvent
@@ -73,9 +74,9 @@ def _requested_adapter(body: TGIRequest) -> str | None:
 class _Call:
     """One TGI request translated for the engine, and its answer translated back."""
 
-    def __init__(self, ctx: ServerContext, body: TGIRequest, adapter: str | None):
+    def __init__(self, ctx: ServerContext, body: TGIRequest, adapter_ref: str | None):
         p = body.parameters
-        self.ctx, self.body, self.p, self.adapter = ctx, body, p, adapter
+        self.ctx, self.body, self.p, self.adapter_ref = ctx, body, p, adapter_ref
         try:
             _refuse_unsupported(p)
             self.prompt_ids = encode_prompt(ctx, body.inputs)
@@ -87,7 +88,7 @@ class _Call:
         self.sampled = self.params.temperature > 0
 
     def submit(self):
-        return submit(self.ctx, self.prompt_ids, self.params, self.adapter)
+        return submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref)
 
     def _finish_reason(self, result: GenerationResult) -> str:
         if result.finish_reason == "cancelled":
@@ -142,13 +143,23 @@ class _Call:
         return event
 
 
+def _start(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[_Call, object, str]:
+    """Resolve, translate and submit; a refusal is counted and raised as ApiError."""
+    label = request_label(body.adapter_id if body.adapter_id is not None else body.parameters.adapter_id)
+    try:
+        adapter_ref = resolve_adapter(ctx, _requested_adapter(body))
+        label = adapter_label(adapter_ref)
+        call = _Call(ctx, body, adapter_ref)
+        return call, call.submit(), label
+    except ApiError as e:
+        ctx.metrics.observe(endpoint, e.status, label, None)
+        raise
+
+
 async def _generate(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str,
                     as_list: bool) -> JSONResponse:
-    adapter = _requested_adapter(body)
-    label = adapter_label(adapter)
+    call, handle, label = _start(ctx, body, endpoint)
     try:
-        call = _Call(ctx, body, adapter)
-        handle = call.submit()
         try:
             result = await result_unless_disconnected(request, handle)
         except EngineError as e:
@@ -166,14 +177,7 @@ async def _generate(request: Request, ctx: ServerContext, body: TGIRequest, endp
 
 
 def _stream(ctx: ServerContext, body: TGIRequest, endpoint: str) -> EngineEventStream:
-    adapter = _requested_adapter(body)
-    label = adapter_label(adapter)
-    try:
-        call = _Call(ctx, body, adapter)
-        handle = call.submit()
-    except ApiError as e:
-        ctx.metrics.observe(endpoint, e.status, label, None)
-        raise
+    call, handle, label = _start(ctx, body, endpoint)
     outcome: dict = {"status": 499, "result": None}
 
     async def events() -> AsyncIterator[str]:

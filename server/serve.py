@@ -1,0 +1,150 @@
+"""`adapter-server serve`: load the base model, open the adapter store, start the engine, serve HTTP.
+
+Every option can also come from an environment variable ADAPTER_SERVER_<OPTION> (dashes become
+underscores, e.g. ADAPTER_SERVER_MAX_BATCH); a flag on the command line wins over the variable.
+Shutdown (SIGINT/SIGTERM) is graceful: the listening socket closes, /ready turns 503, requests in
+flight get --shutdown-timeout seconds to finish, the rest are cancelled, then the engine stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Callable
+
+ENV_PREFIX = "ADAPTER_SERVER_"
+log = logging.getLogger("adapter_server.serve")
+
+
+def _flag_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, **kw) -> None:
+    """An option whose default comes from its environment variable when that is set."""
+    env = env_name(flag)
+    from_env = os.environ.get(env)
+    shown = "unset" if default is None else default
+    if flag == "--admin-token":
+        shown = "unset"   # never echo a secret into --help
+    parser.add_argument(flag, default=from_env if from_env is not None else default,
+                        help=f"{help} [env {env}; default: {shown}]", **kw)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the base model and its adapters over HTTP",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add(p, "--model", "default", "base model: 'default' (embedded SmolLM2-135M-Instruct), an HF or Meta "
+         "checkpoint directory, or a .gguf file")
+    _add(p, "--store", None, "adapter store directory (default: the per-user data dir)")
+    _add(p, "--host", "127.0.0.1", "address to listen on (0.0.0.0 to accept remote clients)")
+    _add(p, "--port", 8000, "TCP port", type=int)
+    _add(p, "--admin-token", None, "bearer token for /admin routes; unset = admin API off")
+    _add(p, "--max-batch", 8, "concurrent sequences (KV-cache slots)", type=_positive(int))
+    _add(p, "--max-seq-len", None, "prompt + generated tokens per sequence (default: the model's context, "
+         "at most 4096)", type=_positive(int))
+    _add(p, "--max-tokens-per-step", 512, "tokens per forward pass (chunked prefill budget)",
+         type=_positive(int))
+    _add(p, "--max-queue", 256, "waiting requests beyond the batch; more get 503 + Retry-After",
+         type=_positive(int))
+    _add(p, "--device", None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
+    _add(p, "--dtype", None, "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)",
+         choices=["float32", "bfloat16", "float16"])
+    _add(p, "--compile", False, "torch.compile the decode step (CUDA)", type=_flag_bool, nargs="?", const=True)
+    _add(p, "--model-id", None, "the base model's id in the OpenAI API (default: the model's name)")
+    _add(p, "--default-max-new-tokens", 256, "tokens generated when a request sets no limit",
+         type=_positive(int))
+    _add(p, "--max-body-mb", 4.0, "largest JSON request body; larger ones get 413", type=_positive(float))
+    _add(p, "--max-upload-mb", 64.0, "largest adapter upload; larger ones get 413", type=_positive(float))
+    _add(p, "--pool-max-adapters", 64, "adapter versions kept resident on the device (LRU)",
+         type=_positive(int))
+    _add(p, "--pool-max-mb", 2048.0, "device memory for resident adapters", type=_positive(float))
+    _add(p, "--shutdown-timeout", 30.0, "seconds in-flight requests get to finish on shutdown",
+         type=float)
+    _add(p, "--log-level", "info", "logging level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from adapters.pool import PoolConfig
+    from adapters.registry import AdapterRegistry
+    from adapters.store import AdapterStore
+    from model.loading import load_model
+    from server.app import ServerSettings, create_app
+    from server.engine import Engine
+    from server.types import EngineConfig
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA device is available")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+
+    log.info("loading base model %r on %s", args.model, device)
+    loaded = load_model(args.model, device=device, dtype=dtype)
+    cfg = loaded.config
+    model_dtype = next(loaded.model.parameters()).dtype
+    log.info("loaded %s from %s: %d layers, dim %d, %d heads (%d KV), vocab %d, context %d, %.1fM params, "
+             "%s, fingerprint %s", loaded.name, loaded.path, cfg.n_layers, cfg.dim, cfg.n_heads,
+             cfg.n_kv_heads, cfg.vocab_size, cfg.max_seq_len, cfg.param_count() / 1e6,
+             str(model_dtype).removeprefix("torch."), loaded.fingerprint[:16])
+
+    store = AdapterStore(args.store)
+    registry = AdapterRegistry(store, loaded.model, loaded.fingerprint,
+                               PoolConfig(max_adapters=args.pool_max_adapters,
+                                          max_bytes=int(args.pool_max_mb * (1 << 20))))
+    adapters = store.list()
+    log.info("adapter store %s: %d adapter(s)%s", store.root, len(adapters),
+             (": " + ", ".join(a.latest.ref for a in adapters[:20])) if adapters else "")
+
+    max_seq_len = args.max_seq_len or min(cfg.max_seq_len, 4096)
+    engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=max_seq_len,
+                                 max_tokens_per_step=max(args.max_tokens_per_step, args.max_batch),
+                                 max_queue=args.max_queue, compile=args.compile)
+    engine = Engine(loaded, registry, engine_config)
+    engine.start()
+    stats = engine.stats()
+    log.info("engine: batch %d, sequence length %d, queue %d, KV cache %.1f MiB",
+             engine_config.max_batch, engine_config.max_seq_len, engine_config.max_queue,
+             stats.kv_cache_bytes / (1 << 20))
+
+    settings = ServerSettings(
+        admin_token=args.admin_token or None, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        default_max_new_tokens=args.default_max_new_tokens, model_id=args.model_id)
+    app = create_app(engine, registry, loaded, settings)
+    log.info("OpenAI model id %r; admin API %s; listening on http://%s:%d", app.state.ctx.model_id,
+             "on" if settings.admin_token else "off (no --admin-token)", args.host, args.port)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout, log_config=None))
+    try:
+        server.run()
+    finally:
+        engine.shutdown(graceful=True)
+        log.info("stopped")
+    return 0

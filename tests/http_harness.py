@@ -1,0 +1,100 @@
+"""A real uvicorn server on 127.0.0.1 (in a thread) over a real engine, registry and store,
+for the HTTP tests and the load test."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import uvicorn
+
+from adapter_helpers import adapter_bytes, random_adapter
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
+from server.app import ServerSettings, create_app
+from server.engine import Engine
+from server.types import EngineConfig
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+@dataclass
+class LiveServer:
+    url: str
+    engine: Engine
+    registry: AdapterRegistry
+    loaded: object
+    app: object
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                            timeout=30)
+
+    def upload(self, name: str, seed: int, **adapter_kw) -> dict:
+        """Upload a random adapter over HTTP; returns the 201 body."""
+        data = adapter_bytes(self.loaded.model, random_adapter(self.loaded.model, seed=seed, **adapter_kw))
+        with self.admin() as c:
+            r = c.put(f"/admin/adapters/{name}", files={"file": ("adapter.safetensors", data)})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def metric(self, name: str, **labels) -> float:
+        """One sample from /metrics (0 when the series does not exist yet)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", line)
+            if not m or m.group(1) != name:
+                continue
+            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(m.group(3))
+        return 0.0
+
+    def wait_idle(self, timeout: float = 20.0) -> None:
+        """Until the engine has nothing running or waiting (cancellations take one step)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.engine.stats()
+            if s.running == 0 and s.waiting == 0:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"engine still busy after {timeout}s: {self.engine.stats()}")
+
+
+@contextmanager
+def live_server(loaded, store_dir: Path, *, start_engine: bool = True,
+                settings: ServerSettings | None = None, **engine_kw) -> Iterator[LiveServer]:
+    config = EngineConfig(**{"max_batch": 4, "max_seq_len": 256, "max_tokens_per_step": 256,
+                             "max_queue": 64, **engine_kw})
+    registry = AdapterRegistry(AdapterStore(store_dir), loaded.model, loaded.fingerprint)
+    engine = Engine(loaded, registry, config)
+    if start_engine:
+        engine.start()
+    settings = settings or ServerSettings(admin_token=ADMIN_TOKEN)
+    app = create_app(engine, registry, loaded, settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", engine, registry, loaded, app)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.shutdown(graceful=False)
+        sock.close()
