@@ -1,0 +1,291 @@
+"""The batched engine on a tiny random model with real adapters from a real registry."""
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.format import metadata_for, save_adapter
+from adapters.registry import AdapterNotFoundError, AdapterRegistry
+from adapters.store import AdapterStore
+from model.adapter import AdapterBatch, AdapterWeights, compute_adapter_kv
+from model.config import ModelConfig
+from model.fingerprint import base_fingerprint
+from model.llama import Transformer
+from model.loading import LoadedModel
+from server.engine import Engine
+from server.types import (EngineConfig, EngineOverloadedError, GenerationRequest,
+                          InvalidRequestError, SamplingParams)
+from test_detokenize import byte_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    tok = byte_bpe_tokenizer()
+    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                      ffn_dim=128, max_seq_len=512)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval().requires_grad_(False)
+    return LoadedModel(model, tok, cfg, base_fingerprint(model), "tiny", Path("."))
+
+
+def random_adapter(model, seed: int, layers=(1, 2), k_len=4, per_head=False) -> AdapterWeights:
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    n_gates = cfg.n_heads if per_head else 1
+    return AdapterWeights(list(layers), torch.randn(len(layers), k_len, cfg.dim, generator=g),
+                          torch.rand(len(layers), n_gates, generator=g) + 0.5)
+
+
+def upload(registry, loaded, tmp_path, name, weights):
+    path = tmp_path / f"{name}-{id(weights)}.safetensors"
+    save_adapter(path, weights, metadata_for(weights, loaded.model, "uploaded", fingerprint=loaded.fingerprint))
+    return registry.upload(name, path.read_bytes())
+
+
+@pytest.fixture
+def registry(loaded, tmp_path):
+    return AdapterRegistry(AdapterStore(tmp_path / "store"), loaded.model, loaded.fingerprint)
+
+
+def reference_greedy(model, prompt, weights, n):
+    """Greedy tokens and logprobs by full recomputation (no KV cache, batch of one)."""
+    adapters = None
+    if weights is not None:
+        adapters = AdapterBatch.build([compute_adapter_kv(model, weights)], model.config.n_layers)
+    ids, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            lp = torch.log_softmax(model(torch.tensor([ids]), adapters=adapters)[0, -1], -1)
+            ids.append(int(lp.argmax()))
+            logprobs.append(float(lp[ids[-1]]))
+    return ids[len(prompt):], logprobs
+
+
+def prompt_of(loaded, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, loaded.config.vocab_size, (n,), generator=g).tolist()
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+def run_until_done(engine, handles, max_steps=1000):
+    for _ in range(max_steps):
+        if all(h.done for h in handles):
+            return [h.wait(0) for h in handles]
+        engine.step()
+    raise AssertionError("requests did not finish")
+
+
+def test_mixed_adapter_batch_matches_each_sequence_alone(loaded, registry, tmp_path):
+    model = loaded.model
+    adapters = {"a": random_adapter(model, 1), "b": random_adapter(model, 2, per_head=True),
+                "c": random_adapter(model, 3, layers=(0, 2), k_len=7),
+                "d": random_adapter(model, 4, layers=(2,), k_len=2)}
+    for name, w in adapters.items():
+        upload(registry, loaded, tmp_path, name, w)
+    # Chunked prefill (12 tokens a step), requests arriving mid-generation, different lengths
+    # (so slots get compacted while others are still running), a repeated adapter, the base.
+    engine = Engine(loaded, registry, EngineConfig(max_batch=8, max_tokens_per_step=12, max_seq_len=128))
+    jobs = [("a", 5, 6), ("b", 3, 10), (None, 17, 8), ("c", 30, 5), ("d", 9, 12), ("a", 11, 7), (None, 14, 4)]
+    requests = [GenerationRequest(prompt_of(loaded, n, i), greedy(new), adapter=name)
+                for i, (name, n, new) in enumerate(jobs)]
+    handles = [engine.submit(r) for r in requests[:3]]
+    engine.step()
+    engine.step()
+    handles += [engine.submit(r) for r in requests[3:]]
+    results = run_until_done(engine, handles)
+    for req, res, handle in zip(requests, results, handles):
+        ref_tokens, ref_logprobs = reference_greedy(model, req.prompt_ids, adapters.get(req.adapter),
+                                                    req.params.max_new_tokens)
+        assert res.token_ids == ref_tokens
+        assert res.logprobs == pytest.approx(ref_logprobs, abs=1e-4)
+        assert res.finish_reason == "length" and res.prompt_tokens == len(req.prompt_ids)
+        assert res.adapter_ref == (f"{req.adapter}@1" if req.adapter else None)
+        events = list(handle)
+        assert [e.token_id for e in events] == res.token_ids
+        assert "".join(e.text for e in events) == res.text
+        assert res.text == loaded.tokenizer.decode(res.token_ids)
+    assert engine.stats().kv_slots_used == 0 and registry.stats().pinned_count == 0
+    # Adapters do change the output (the comparison above is not vacuous).
+    assert results[0].token_ids != reference_greedy(model, requests[0].prompt_ids, None, 6)[0]
+
+
+def test_seeded_sampling_does_not_depend_on_batch_neighbours(loaded, registry, tmp_path):
+    upload(registry, loaded, tmp_path, "a", random_adapter(loaded.model, 5))
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=40, seed=42,
+                            repetition_penalty=1.2, ignore_eos=True)
+    target = GenerationRequest(prompt_of(loaded, 7, 0), params, adapter="a")
+
+    def run(target, neighbours):
+        engine = Engine(loaded, registry, EngineConfig(max_batch=8, max_tokens_per_step=16))
+        handles = [engine.submit(r) for r in neighbours[:1]]
+        engine.step()
+        handles.append(engine.submit(target))
+        handles += [engine.submit(r) for r in neighbours[1:]]
+        return run_until_done(engine, handles)[len(neighbours[:1])]
+
+    alone = run(target, [])
+    crowd = [GenerationRequest(prompt_of(loaded, 5 + i, 10 + i),
+                               SamplingParams(max_new_tokens=5 + 3 * i, temperature=1.1, seed=i, ignore_eos=True),
+                               adapter="a" if i % 2 else None) for i in range(4)]
+    assert run(target, crowd).token_ids == alone.token_ids
+    assert alone.seed == 42
+    other = run(GenerationRequest(target.prompt_ids, dataclasses.replace(params, seed=43), adapter="a"), [])
+    assert other.token_ids != alone.token_ids      # the seed really drives the draws
+
+
+def test_stop_string_across_token_boundary_is_cut_and_never_streamed(loaded):
+    engine = Engine(loaded, None, EngineConfig(max_batch=2, max_tokens_per_step=8))
+    prompt = prompt_of(loaded, 6, 3)
+    free = engine.submit(GenerationRequest(prompt, greedy(40)))
+    full = run_until_done(engine, [free])[0]
+    pieces = [e.text for e in free]
+    # A stop string made of the end of one token's text and the start of the next one's.
+    offsets = [sum(len(p) for p in pieces[:i + 1]) for i in range(len(pieces))]
+    boundary = next(o for i, o in enumerate(offsets[5:-1], 5)
+                    if pieces[i] and pieces[i + 1] and full.text.find(full.text[o - 2:o + 2]) == o - 2)
+    stop = full.text[boundary - 2:boundary + 2]
+    handle = engine.submit(GenerationRequest(prompt, greedy(40, stop=["never-there", stop])))
+    res = run_until_done(engine, [handle])[0]
+    assert res.finish_reason == "stop" and res.stop_sequence == stop
+    assert res.text == full.text[:boundary - 2]
+    assert res.token_ids == full.token_ids[:len(res.token_ids)] and len(res.token_ids) < 40
+    streamed = [e.text for e in handle]
+    assert "".join(streamed) == res.text
+
+
+def test_eos_and_stop_token_ids_finish(loaded):
+    engine = Engine(loaded, None, EngineConfig(max_batch=2, max_tokens_per_step=8))
+    prompt = prompt_of(loaded, 6, 4)
+    first = run_until_done(engine, [engine.submit(GenerationRequest(prompt, greedy(5)))])[0]
+    second_token = first.token_ids[1]
+    res = run_until_done(engine, [engine.submit(GenerationRequest(
+        prompt, greedy(5, stop_token_ids=[second_token])))])[0]
+    assert res.finish_reason == "stop" and res.token_ids == first.token_ids[:2]
+    # The tokenizer's EOS ends generation unless ignore_eos; here EOS is made the greedy choice.
+    eos = loaded.tokenizer.eos_id
+    with torch.no_grad():
+        saved = loaded.model.output.weight[eos].clone()
+        loaded.model.output.weight[eos] = loaded.model.output.weight[first.token_ids[1]] * 50
+    try:
+        res = run_until_done(engine, [engine.submit(GenerationRequest(
+            prompt, SamplingParams(max_new_tokens=5, temperature=0)))])[0]
+    finally:
+        with torch.no_grad():
+            loaded.model.output.weight[eos] = saved
+    assert res.finish_reason == "eos_token" and res.token_ids[-1] == eos
+
+
+def test_cancellation_frees_the_slot_within_one_step(loaded, registry, tmp_path):
+    upload(registry, loaded, tmp_path, "a", random_adapter(loaded.model, 6))
+    engine = Engine(loaded, registry, EngineConfig(max_batch=1, max_tokens_per_step=8))
+    running = engine.submit(GenerationRequest(prompt_of(loaded, 5, 0), greedy(50), adapter="a"))
+    queued = engine.submit(GenerationRequest(prompt_of(loaded, 5, 1), greedy(50), adapter="a"))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().kv_slots_used == 1 and engine.stats().waiting == 1
+    running.cancel()
+    queued.cancel()
+    engine.step()
+    assert engine.stats().kv_slots_used == 0 and engine.stats().waiting == 0
+    assert running.wait(0).finish_reason == "cancelled" and 0 < len(running.wait(0).token_ids) < 50
+    assert queued.wait(0).finish_reason == "cancelled" and queued.wait(0).token_ids == []
+    assert registry.stats().pinned_count == 0
+    assert engine.stats().requests_cancelled_total == 2
+
+
+def test_adapter_replaced_mid_generation_does_not_change_a_running_sequence(loaded, registry, tmp_path):
+    v1, v2 = random_adapter(loaded.model, 7), random_adapter(loaded.model, 8)
+    upload(registry, loaded, tmp_path, "swap", v1)
+    engine = Engine(loaded, registry, EngineConfig(max_batch=4, max_tokens_per_step=8))
+    prompt = prompt_of(loaded, 6, 5)
+    handle = engine.submit(GenerationRequest(prompt, greedy(12), adapter="swap"))
+    for _ in range(4):
+        engine.step()
+    upload(registry, loaded, tmp_path, "swap", v2)
+    later = engine.submit(GenerationRequest(prompt, greedy(12), adapter="swap"))
+    first, second = run_until_done(engine, [handle, later])
+    assert first.adapter_ref == "swap@1" and second.adapter_ref == "swap@2"
+    assert first.token_ids == reference_greedy(loaded.model, prompt, v1, 12)[0]
+    assert second.token_ids == reference_greedy(loaded.model, prompt, v2, 12)[0]
+    assert first.token_ids != second.token_ids
+
+
+def test_bad_requests_fail_synchronously(loaded, registry, tmp_path):
+    engine = Engine(loaded, registry, EngineConfig(max_batch=1, max_queue=2, max_seq_len=64,
+                                                   max_tokens_per_step=8))
+    with pytest.raises(AdapterNotFoundError, match="nope"):
+        engine.submit(GenerationRequest([5, 6], greedy(4), adapter="nope"))
+    with pytest.raises(InvalidRequestError) as e:
+        engine.submit(GenerationRequest([5] * 60, greedy(5)))
+    assert e.value.field == "max_new_tokens"
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        engine.submit(GenerationRequest([], greedy(5)))
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        engine.submit(GenerationRequest([loaded.config.vocab_size], greedy(5)))
+    with pytest.raises(AdapterNotFoundError):
+        Engine(loaded, None).submit(GenerationRequest([5], greedy(1), adapter="a"))
+
+
+def test_full_queue_is_overloaded_and_leaks_no_lease(loaded, registry, tmp_path):
+    upload(registry, loaded, tmp_path, "a", random_adapter(loaded.model, 9))
+    engine = Engine(loaded, registry, EngineConfig(max_batch=1, max_queue=2, max_tokens_per_step=8))
+    handles = [engine.submit(GenerationRequest([5, 6, 7], greedy(3), adapter="a")) for _ in range(2)]
+    with pytest.raises(EngineOverloadedError):
+        engine.submit(GenerationRequest([5, 6, 7], greedy(3), adapter="a"))
+    assert registry.stats().pinned_count == 1      # one version, pinned by the two queued leases
+    engine.step()                                   # one request moves into the batch
+    handles.append(engine.submit(GenerationRequest([5, 6, 7], greedy(3))))
+    assert all(r.finish_reason == "length" for r in run_until_done(engine, handles))
+    assert registry.stats().pinned_count == 0
+
+
+def test_kv_cache_is_reused_over_1000_short_requests(loaded, registry, tmp_path):
+    upload(registry, loaded, tmp_path, "a", random_adapter(loaded.model, 10))
+    engine = Engine(loaded, registry, EngineConfig(max_batch=8, max_queue=1000, max_tokens_per_step=64))
+    k, v = engine.cache.k, engine.cache.v
+    pointers = (k.data_ptr(), v.data_ptr())
+    peak = []
+    engine.add_completion_callback(lambda r: peak.append(len(engine.scheduler.running)))
+    engine.start()
+    try:
+        handles = [engine.submit(GenerationRequest(prompt_of(loaded, 2 + i % 5, i), greedy(2),
+                                                   adapter="a" if i % 3 else None)) for i in range(1000)]
+        results = [h.wait(60) for h in handles]
+    finally:
+        engine.shutdown()
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 2 for r in results)
+    assert engine.cache.k is k and engine.cache.v is v and (k.data_ptr(), v.data_ptr()) == pointers
+    assert max(peak) <= 8
+    stats = engine.stats()
+    assert stats.kv_slots_used == 0 and stats.running == 0 and stats.waiting == 0
+    assert stats.requests_finished_total == 1000 and stats.tokens_generated_total == 2000
+    assert registry.stats().pinned_count == 0
+
+
+def test_async_streaming_generate_and_shutdown(loaded):
+    engine = Engine(loaded, None, EngineConfig(max_batch=4, max_tokens_per_step=16)).start()
+
+    async def main():
+        handle = engine.submit(GenerationRequest(prompt_of(loaded, 5, 1), greedy(10)))
+        events = [e async for e in handle]
+        result = await handle.result()
+        assert [e.token_id for e in events] == result.token_ids
+        assert "".join(e.text for e in events) == result.text
+        assert result.ttft_s <= result.latency_s
+        again = await engine.generate(GenerationRequest(prompt_of(loaded, 5, 1), greedy(10)))
+        assert again.token_ids == result.token_ids
+        long = engine.submit(GenerationRequest(prompt_of(loaded, 5, 2), greedy(400)))
+        async for _ in long:
+            break
+        await asyncio.to_thread(engine.shutdown, False)
+        assert (await long.result()).finish_reason == "cancelled"
+
+    asyncio.run(main())
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.submit(GenerationRequest([5], greedy(1)))
