@@ -11,6 +11,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "model.cli",        # generate, fetch-default
     "adapters.cli",     # adapters import/list/show/delete/export
+    "server.generate",  # generate
     "server.serve",     # serve
     "server.bench",     # bench
     "training.cli",     # train
