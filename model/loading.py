@@ -38,7 +38,7 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu",
 
         spec, name = default_model_dir(), DEFAULT_MODEL_NAME
     ckpt = read_checkpoint(spec)
-    tokenizer = load_tokenizer(ckpt)   # before the weights: a bad tokenizer fails fast
+    tokenizer = load_tokenizer(ckpt.path, ckpt.metadata if ckpt.format == "gguf" else None)   # fails fast
     if tokenizer.vocab_size > ckpt.config.vocab_size:
         raise CheckpointError(f"{ckpt.path}: tokenizer has {tokenizer.vocab_size} tokens, "
                               f"the model only {ckpt.config.vocab_size}")

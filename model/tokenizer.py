@@ -20,7 +20,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from .chat_template import LLAMA2_CHAT_TEMPLATE, ChatTemplateError, render_chat
 from .config import UnsupportedModelError
-from .loaders import Checkpoint, CheckpointError
+from .loaders import CheckpointError
 
 # End-of-turn / end-of-text markers of common chat formats: generation stops on them whenever
 # the vocabulary has them as special tokens, whatever the config calls EOS.
@@ -247,11 +247,10 @@ class SentencePieceTokenizer(Tokenizer):
 
 # ---- loading -------------------------------------------------------------------------------------
 
-def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
-    """The tokenizer that belongs to a checkpoint (GGUF metadata, tokenizer.json or tokenizer.model)."""
-    if ckpt.format == "gguf":
-        return HFTokenizer.from_gguf(ckpt.metadata)
-    path = ckpt.path
+def load_tokenizer(path: Path, gguf_metadata: dict[str, Any] | None = None) -> Tokenizer:
+    """A checkpoint's tokenizer: from its GGUF metadata, else tokenizer.json or tokenizer.model in `path`."""
+    if gguf_metadata is not None:
+        return HFTokenizer.from_gguf(gguf_metadata)
     if (path / "tokenizer.json").is_file():
         return HFTokenizer.from_dir(path)
     if (path / "tokenizer.model").is_file():
