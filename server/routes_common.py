@@ -72,14 +72,19 @@ class ClientDisconnected(Exception):
     """The client went away before the answer was ready (recorded as status 499)."""
 
 
-def engine_error(e: Exception, settings: ServerSettings, validation_status: int = 422) -> ApiError:
-    """Translate what `engine.submit` / `handle.result` raise into an HTTP answer."""
+def engine_error(e: Exception, settings: ServerSettings, validation_status: int = 422,
+                 field_names: dict[str, str] | None = None) -> ApiError:
+    """Translate what `engine.submit` / `handle.result` raise into an HTTP answer.
+
+    `field_names` maps the engine's parameter names to the wire format's (max_new_tokens →
+    max_tokens ...), so the error names the field the client actually sent."""
     if isinstance(e, (AdapterNotFoundError, AdapterNameError)):
         return ApiError(404, e.args[0] if e.args else str(e), "not_found", "adapter")
     if isinstance(e, AdapterValidationError):   # stored, but unusable with this base model
         return ApiError(422, str(e), "validation", "adapter")
     if isinstance(e, InvalidRequestError):
-        return ApiError(validation_status, str(e), "validation", e.field)
+        field = (field_names or {}).get(e.field, e.field)
+        return ApiError(validation_status, f"{field}: {e.message}", "validation", field)
     if isinstance(e, EngineOverloadedError):
         return ApiError(503, f"server overloaded, retry later: {e}", "overloaded",
                         headers={"Retry-After": str(settings.retry_after_s)})
@@ -94,7 +99,7 @@ def engine_error(e: Exception, settings: ServerSettings, validation_status: int 
 def encode_prompt(ctx: ServerContext, text: str, add_bos: bool | None = None) -> list[int]:
     ids = ctx.tokenizer.encode(text, add_bos=add_bos)
     if not ids:
-        raise InvalidRequestError("inputs", "the prompt encodes to zero tokens")
+        raise InvalidRequestError("prompt", "the prompt encodes to zero tokens")
     return ids
 
 
@@ -129,14 +134,14 @@ def request_label(requested: str | None) -> str:
 
 
 def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, adapter_ref: str | None,
-           validation_status: int = 422):
+           validation_status: int = 422, field_names: dict[str, str] | None = None):
     """Validate and enqueue; raise ApiError for anything the caller did wrong or overload."""
     try:
         params.validate()
         return ctx.engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter_ref))
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, InvalidRequestError,
             EngineOverloadedError, EngineClosedError, EngineError, StoreCorruptError) as e:
-        raise engine_error(e, ctx.settings, validation_status) from None
+        raise engine_error(e, ctx.settings, validation_status, field_names) from None
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -85,23 +85,28 @@ class _Call:
         self.id = ""
         self.created = int(time.time())
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chat = isinstance(body, ChatCompletionRequest)
+        self.chat = chat
+        self.field_names = {
+            "max_new_tokens": ("max_completion_tokens" if chat and body.max_completion_tokens is not None
+                               else "max_tokens"),
+            "top_logprobs": "top_logprobs" if chat else "logprobs",
+            "prompt": "messages" if chat else "prompt"}
         try:
             _refuse_unsupported(body)
-            if isinstance(body, ChatCompletionRequest):
-                self.chat = True
+            if chat:
                 self.prompt_ids = self._chat_prompt(body)
                 self.want_logprobs = body.logprobs
                 top = body.top_logprobs or 0
                 max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             else:
-                self.chat = False
                 self.prompt_text, self.prompt_ids = self._completion_prompt(body)
                 self.want_logprobs = body.logprobs is not None
                 top = body.logprobs or 0
                 max_tokens = body.max_tokens
             self.params = _sampling_params(ctx, body, max_tokens, top, len(self.prompt_ids))
         except InvalidRequestError as e:
-            raise engine_error(e, ctx.settings, validation_status=400) from None
+            raise engine_error(e, ctx.settings, 400, self.field_names) from None
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -127,7 +132,7 @@ class _Call:
         return prompt, encode_prompt(self.ctx, prompt)
 
     def submit(self):
-        handle = submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref, validation_status=400)
+        handle = submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref, 400, self.field_names)
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + handle.request_id
         return handle
 

@@ -77,6 +77,8 @@ class _Call:
     def __init__(self, ctx: ServerContext, body: TGIRequest, adapter_ref: str | None):
         p = body.parameters
         self.ctx, self.body, self.p, self.adapter_ref = ctx, body, p, adapter_ref
+        self.field_names = {"prompt": "inputs",
+                            "top_logprobs": "return_k_alternatives" if p.return_k_alternatives else "top_n_tokens"}
         try:
             _refuse_unsupported(p)
             self.prompt_ids = encode_prompt(ctx, body.inputs)
@@ -84,11 +86,11 @@ class _Call:
                 self.prompt_ids = self.prompt_ids[-p.truncate:]
             self.params = _sampling_params(ctx, p, len(self.prompt_ids))
         except InvalidRequestError as e:
-            raise engine_error(e, ctx.settings) from None
+            raise engine_error(e, ctx.settings, field_names=self.field_names) from None
         self.sampled = self.params.temperature > 0
 
     def submit(self):
-        return submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref)
+        return submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref, field_names=self.field_names)
 
     def _finish_reason(self, result: GenerationResult) -> str:
         if result.finish_reason == "cancelled":
