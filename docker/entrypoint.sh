@@ -4,7 +4,7 @@
 #   (no arguments) | --flag ...   exec adapter-server serve [--flag ...]
 #   SUBCOMMAND ...                exec adapter-server SUBCOMMAND ...   (e.g. `adapters list`)
 #   --print-command [args ...]    print what would be exec'd and the ADAPTER_SERVER_* settings
-#                                 it runs with (admin token redacted), then exit without running
+#                                 it runs with (admin token: its length only), then exit
 #
 # Every serve option comes from its ADAPTER_SERVER_<OPTION> variable (e.g. ADAPTER_SERVER_PORT,
 # ADAPTER_SERVER_MAX_BATCH), which `serve` reads itself, so flags and variables cannot drift
@@ -52,7 +52,7 @@ if (( print_only )); then
     echo
     env | LC_ALL=C sort | while IFS='=' read -r name value; do
         case "$name" in
-            ADAPTER_SERVER_ADMIN_TOKEN) echo "$name=<redacted>" ;;
+            ADAPTER_SERVER_ADMIN_TOKEN) echo "$name=<redacted, ${#value} characters>" ;;
             ADAPTER_SERVER_*) echo "$name=$value" ;;
         esac
     done
