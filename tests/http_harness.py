@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,17 @@ class LiveServer:
             if all(found.get(k) == v for k, v in labels.items()):
                 return float(m.group(3))
         return 0.0
+
+    def stepping(self, fn, *args, until=None):
+        """Run fn(*args) in a thread while this thread drives an engine that was not started,
+        one step at a time; stops early once until() is true. Returns the future."""
+        pool = ThreadPoolExecutor(1)
+        future = pool.submit(fn, *args)
+        pool.shutdown(wait=False)
+        while not future.done() and not (until and until()):
+            self.engine.step()
+            time.sleep(0.001)
+        return future
 
     def wait_idle(self, timeout: float = 20.0) -> None:
         """Until the engine has nothing running or waiting (cancellations take one step)."""
