@@ -14,8 +14,23 @@ from adapters.importers import (AdapterImportError, adapter_file_bytes, export_p
                                 import_peft)
 from adapters.names import check_name, parse_ref
 from adapters.registry import AdapterRegistry
-from adapters.store import STORE_ENV, AdapterStore, VersionInfo, default_store_dir
+from adapters.store import STORE_ENV, AdapterNotFoundError, AdapterStore, VersionInfo, default_store_dir
 from adapters.validation import validate_adapter_file
+
+
+class AdapterCommandError(ValueError):
+    """A user error the CLI reports as one line (the entry point prints ValueErrors)."""
+
+
+def _reporting_not_found(func):
+    # AdapterNotFoundError is a LookupError (the registry contract), which the entry point
+    # would not treat as a user error.
+    def run(args):
+        try:
+            return func(args)
+        except AdapterNotFoundError as e:
+            raise AdapterCommandError(str(e)) from None
+    return run
 
 
 def register(subparsers) -> None:
@@ -42,29 +57,29 @@ def register(subparsers) -> None:
                    help="import only this adapter of a multi-adapter PEFT folder")
     p.add_argument("--model", default="default",
                    help="base model the adapter is for: 'default' or a model path (checks shapes)")
-    p.set_defaults(func=_cmd_import)
+    p.set_defaults(func=_reporting_not_found(_cmd_import))
 
     p = sub.add_parser("list", help="list stored adapters")
     store_flag(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_cmd_list)
+    p.set_defaults(func=_reporting_not_found(_cmd_list))
 
     p = sub.add_parser("show", help="show an adapter's versions, or one version with its metadata")
     p.add_argument("ref", metavar="NAME[@N]")
     store_flag(p)
-    p.set_defaults(func=_cmd_show)
+    p.set_defaults(func=_reporting_not_found(_cmd_show))
 
     p = sub.add_parser("delete", help="delete an adapter (every version) or one version")
     p.add_argument("ref", metavar="NAME[@N]")
     store_flag(p)
-    p.set_defaults(func=_cmd_delete)
+    p.set_defaults(func=_reporting_not_found(_cmd_delete))
 
     p = sub.add_parser("export", help="export a stored adapter to another format")
     p.add_argument("ref", metavar="NAME[@N]")
     p.add_argument("--format", required=True, choices=("peft",))
     p.add_argument("--out", type=Path, required=True, help="output directory")
     store_flag(p)
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(func=_reporting_not_found(_cmd_export))
 
 
 def _cmd_import(args) -> None:

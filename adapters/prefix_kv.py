@@ -12,13 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from adapters.validation import ValidationLimits, check_adapter_bytes
 from model.adapter import AdapterKV, AdapterWeights, compute_adapter_kv
 
 KV_FORMAT = "llama-adapter-prefix-kv"
 KV_FORMAT_VERSION = "1"
+# Our own cache files: checked for structure, but larger than any uploaded adapter may be.
+_KV_FILE_LIMITS = ValidationLimits(max_file_bytes=1 << 36, max_header_bytes=1 << 20, max_tensors=3)
 
 
 def compute_prefix_kv(model, weights: AdapterWeights) -> AdapterKV:
@@ -37,39 +40,37 @@ def _identity(adapter_sha256: str, fingerprint: str, kv_dtype: torch.dtype) -> d
 
 
 def save_prefix_kv(path: str | Path, kv: AdapterKV, adapter_sha256: str, fingerprint: str) -> None:
-    """Only the adapted layers are written; the unadapted ones are zeros by definition."""
-    idx = torch.tensor(kv.layers, dtype=torch.long, device=kv.keys.device)
-    tensors = {"keys": kv.keys.index_select(0, idx), "values": kv.values.index_select(0, idx),
-               "gates": kv.gates.index_select(0, idx)}
+    """Dense over all layers, as AdapterKV is, so loading is a single copy per tensor."""
+    tensors = {"keys": kv.keys, "values": kv.values, "gates": kv.gates}
     meta = _identity(adapter_sha256, fingerprint, kv.keys.dtype)
     meta["layers"] = ",".join(map(str, kv.layers))
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
 def load_prefix_kv(path: str | Path, model, adapter_sha256: str, fingerprint: str) -> AdapterKV | None:
-    """The cached K/V for this model, or None if the file is absent or not exactly what we need."""
+    """The cached K/V for this model, or None if the file is absent or not exactly what we need.
+
+    The file is read into memory in one go (not memory-mapped): resident K/V must not depend on
+    a file that a delete may remove, and one sequential read is the fastest path here.
+    """
     cfg = model.config
     ref = model.layers[0].attention.wk.weight
     try:
-        with safe_open(str(path), framework="pt", device=str(ref.device)) as f:
-            meta = f.metadata() or {}
-            layers = tuple(int(x) for x in meta.get("layers", "").split(",") if x)
-            if ({k: meta.get(k) for k in ("format", "format_version", "adapter_sha256",
-                                           "base_fingerprint", "dtype")}
-                    != _identity(adapter_sha256, fingerprint, ref.dtype) or not layers):
-                return None
-            keys, values, gates = (f.get_tensor(n) for n in ("keys", "values", "gates"))
-    except (FileNotFoundError, OSError, ValueError, RuntimeError):
+        data = Path(path).read_bytes()
+        meta = check_adapter_bytes(data, _KV_FILE_LIMITS).metadata
+        layers = tuple(int(x) for x in meta.get("layers", "").split(",") if x)
+        if ({k: meta.get(k) for k in ("format", "format_version", "adapter_sha256",
+                                       "base_fingerprint", "dtype")}
+                != _identity(adapter_sha256, fingerprint, ref.dtype) or not layers):
+            return None
+        tensors = load_safetensors(data)
+        keys, values, gates = (tensors[n].to(ref.device) for n in ("keys", "values", "gates"))
+    except Exception:   # absent or damaged (safetensors has its own error type): recompute
         return None
-    n = len(layers)
     k_len = keys.shape[2] if keys.dim() == 4 else 0
-    want_kv = (n, cfg.n_kv_heads, k_len, cfg.head_dim)
+    want_kv = (cfg.n_layers, cfg.n_kv_heads, k_len, cfg.head_dim)
     if (k_len == 0 or tuple(keys.shape) != want_kv or tuple(values.shape) != want_kv
-            or tuple(gates.shape) != (n, cfg.n_heads) or max(layers) >= cfg.n_layers
+            or tuple(gates.shape) != (cfg.n_layers, cfg.n_heads) or max(layers) >= cfg.n_layers
             or list(layers) != sorted(set(layers))):
         return None
-    idx = torch.tensor(layers, dtype=torch.long, device=keys.device)
-    dense_k = keys.new_zeros(cfg.n_layers, *want_kv[1:]).index_copy_(0, idx, keys)
-    dense_v = values.new_zeros(cfg.n_layers, *want_kv[1:]).index_copy_(0, idx, values)
-    dense_g = gates.new_zeros(cfg.n_layers, cfg.n_heads).index_copy_(0, idx, gates)
-    return AdapterKV(dense_k, dense_v, dense_g, layers)
+    return AdapterKV(keys, values, gates, layers)
