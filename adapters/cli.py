@@ -14,7 +14,7 @@ from adapters.importers import (AdapterImportError, adapter_file_bytes, export_p
                                 import_peft)
 from adapters.names import check_name, parse_ref
 from adapters.registry import AdapterRegistry
-from adapters.store import STORE_ENV, AdapterNotFoundError, AdapterStore, VersionInfo, default_store_dir
+from adapters.store import STORE_ENV, AdapterNotFoundError, AdapterStore, VersionInfo
 from adapters.validation import validate_adapter_file
 
 
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
 
     def store_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--store", type=Path, default=None,
-                       help=f"adapter store directory (default: ${STORE_ENV} or {default_store_dir()})")
+                       help=f"adapter store directory (default: ${STORE_ENV}, else the user data "
+                            "directory's llama-adapter-server/adapters)")
 
     p = sub.add_parser("import", help="import a PEFT or official LLaMA-Adapter checkpoint")
     p.add_argument("src", type=Path, help="PEFT adapter folder, or official .pth file")

@@ -87,6 +87,8 @@ class AdapterMetadata:
             raise AdapterFormatError(f"gate_kind must be 'scalar' or 'per_head', got {meta.gate_kind!r}")
         if not layers or layers != sorted(set(layers)):
             raise AdapterFormatError("metadata 'layers' must be a non-empty ascending list")
+        if meta.adapter_len < 1:   # K = 0 would pass the shape checks and give NaN attention
+            raise AdapterFormatError(f"adapter_len must be at least 1, got {meta.adapter_len}")
         return meta
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 
+import torch
+
 from adapters.format import AdapterFormatError, check_fits, load_adapter
 from adapters.names import AdapterNameError, check_name, parse_ref
 from adapters.pool import AdapterPool, PoolConfig, PoolStats
@@ -132,10 +134,14 @@ class AdapterRegistry:
         try:
             weights, meta = validate_adapter_file(staged.path, self.model, self.fingerprint,
                                                   allow_fingerprint_mismatch, self.limits)
+            kv = compute_prefix_kv(self.model, weights)
+            # Finite prompts can still overflow through wk/wv in half precision.
+            if not all(torch.isfinite(t).all() for t in (kv.keys, kv.values)):
+                raise AdapterValidationError(
+                    f"the adapter's prompt keys/values overflow in this model's {kv.keys.dtype}")
             info = self.store.commit(name, staged, meta, source)
         finally:
             staged.discard()
-        kv = compute_prefix_kv(self.model, weights)
         self._cache_kv(info, kv)
         key = (info.name, info.version)
         self._pool.acquire(key, lambda: kv)

@@ -144,8 +144,12 @@ class AdapterStore:
         self._adapters = self.root / "adapters"
         self._index_path = self.root / "index.json"
         self._lock_path = self.root / ".lock"
-        for d in (self.root, self._tmp, self._adapters):
-            d.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # A replica may mount the store read-only: it can still list, resolve and load.
+        self.writable = os.access(self.root, os.W_OK)
+        if self.writable:
+            self._tmp.mkdir(exist_ok=True)
+            self._adapters.mkdir(exist_ok=True)
         # flock locks separate open files even within one process; this lock just keeps our own
         # threads from opening the lock file concurrently.
         self._thread_lock = threading.Lock()
@@ -153,7 +157,8 @@ class AdapterStore:
         # so that a reader never pairs one file's content with another file's identity.
         self._snapshot: tuple[dict[str, Any], tuple[int, int, int] | None] = (_empty_index(), None)
         self.reload_if_changed()
-        self.collect_garbage()
+        if self.writable:
+            self.collect_garbage()
 
     # ---- reading -------------------------------------------------------------------------
     def reload_if_changed(self) -> bool:

@@ -178,3 +178,11 @@ def test_check_adapter_bytes_reports_layout(model):
     assert {t.name for t in header.tensors} == {"layers.2.prompt", "layers.2.gate",
                                                "layers.3.prompt", "layers.3.gate"}
     assert header.metadata["format"] == "llama-adapter"
+
+
+def test_empty_prompt_and_overflowing_prompt(registry, model):
+    w = random_adapter(model)
+    empty = AdapterWeights(w.layers, w.prompts[:, :0], w.gates)
+    _expect_rejected(registry, adapter_bytes(model, empty), "adapter_len must be at least 1")
+    huge = AdapterWeights(w.layers, torch.full_like(w.prompts, 3e38), w.gates)
+    _expect_rejected(registry, adapter_bytes(model, huge), "overflow")
