@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 from typing import Any, Callable
 
 ENV_PREFIX = "ADAPTER_SERVER_"
@@ -23,16 +25,27 @@ def _flag_bool(text: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
-    parse.__name__ = kind.__name__
+    return parse
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    # A type instead of argparse `choices`: argparse never checks choices on env-var defaults.
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}; got {text!r}")
+        return text
     return parse
 
 
@@ -40,14 +53,24 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, **kw) -> None:
+def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help: str,
+         type: Callable[[str], Any] = str, shown: str | None = None, **kw) -> None:
     """An option whose default comes from its environment variable when that is set."""
     env = env_name(flag)
     from_env = os.environ.get(env)
-    shown = "unset" if default is None else default
-    if flag == "--admin-token":
-        shown = "unset"   # never echo a secret into --help
-    parser.add_argument(flag, default=from_env if from_env is not None else default,
+
+    def parse(text: str):
+        source = f" (from {env})" if text == from_env else ""
+        try:
+            return type(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e}{source}") from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {type.__name__}, got {text!r}{source}") from None
+
+    if shown is None:
+        shown = "unset" if default is None else str(default)
+    parser.add_argument(flag, default=from_env if from_env is not None else default, type=parse,
                         help=f"{help} [env {env}; default: {shown}]", **kw)
 
 
@@ -55,24 +78,25 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve the base model and its adapters over HTTP",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add(p, "--model", "default", "base model: 'default' (embedded SmolLM2-135M-Instruct), an HF or Meta "
-         "checkpoint directory, or a .gguf file")
-    _add(p, "--store", None, "adapter store directory (default: the per-user data dir)")
-    _add(p, "--host", "127.0.0.1", "address to listen on (0.0.0.0 to accept remote clients)")
+    _add(p, "--model", "default", "base model: 'default' (the embedded SmolLM2-135M-Instruct), an HF or "
+         "Meta checkpoint directory, or a .gguf file")
+    _add(p, "--store", None, "adapter store directory", shown="the per-user data directory")
+    _add(p, "--host", "127.0.0.1", "address to listen on (0.0.0.0 accepts remote clients)")
     _add(p, "--port", 8000, "TCP port", type=int)
-    _add(p, "--admin-token", None, "bearer token for /admin routes; unset = admin API off")
+    _add(p, "--admin-token", None, "bearer token for the /admin routes; unset = admin API off")
     _add(p, "--max-batch", 8, "concurrent sequences (KV-cache slots)", type=_positive(int))
-    _add(p, "--max-seq-len", None, "prompt + generated tokens per sequence (default: the model's context, "
-         "at most 4096)", type=_positive(int))
+    _add(p, "--max-seq-len", None, "prompt + generated tokens per sequence", type=_positive(int),
+         shown="the model's context, at most 4096")
     _add(p, "--max-tokens-per-step", 512, "tokens per forward pass (chunked prefill budget)",
          type=_positive(int))
     _add(p, "--max-queue", 256, "waiting requests beyond the batch; more get 503 + Retry-After",
          type=_positive(int))
-    _add(p, "--device", None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
-    _add(p, "--dtype", None, "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)",
-         choices=["float32", "bfloat16", "float16"])
+    _add(p, "--device", None, "cpu or cuda", type=_one_of("cpu", "cuda"), metavar="{cpu,cuda}",
+         shown="cuda when available")
+    _add(p, "--dtype", None, "weights and KV cache dtype", type=_one_of("float32", "bfloat16", "float16"),
+         metavar="{float32,bfloat16,float16}", shown="float32 on CPU, bfloat16 on CUDA")
     _add(p, "--compile", False, "torch.compile the decode step (CUDA)", type=_flag_bool, nargs="?", const=True)
-    _add(p, "--model-id", None, "the base model's id in the OpenAI API (default: the model's name)")
+    _add(p, "--model-id", None, "the base model's id in the OpenAI API", shown="the model's name")
     _add(p, "--default-max-new-tokens", 256, "tokens generated when a request sets no limit",
          type=_positive(int))
     _add(p, "--max-body-mb", 4.0, "largest JSON request body; larger ones get 413", type=_positive(float))
@@ -80,9 +104,11 @@ def register(subparsers) -> None:
     _add(p, "--pool-max-adapters", 64, "adapter versions kept resident on the device (LRU)",
          type=_positive(int))
     _add(p, "--pool-max-mb", 2048.0, "device memory for resident adapters", type=_positive(float))
-    _add(p, "--shutdown-timeout", 30.0, "seconds in-flight requests get to finish on shutdown",
-         type=float)
-    _add(p, "--log-level", "info", "logging level", choices=["debug", "info", "warning", "error"])
+    _add(p, "--store-poll-interval", 1.0, "seconds between checks for changes other replicas made to a "
+         "shared store; 0 = only when a request names an adapter", type=float)
+    _add(p, "--shutdown-timeout", 30.0, "seconds in-flight requests get to finish on shutdown", type=float)
+    _add(p, "--log-level", "info", "logging level", type=_one_of("debug", "info", "warning", "error"),
+         metavar="{debug,info,warning,error}")
     p.set_defaults(func=run)
 
 
@@ -96,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from model.loading import load_model
     from server.app import ServerSettings, create_app
     from server.engine import Engine
+    from server.replica_watch import StoreWatcher
     from server.replica_watch import StoreWatcher
     from server.types import EngineConfig
 
@@ -128,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
                                  max_queue=args.max_queue, compile=args.compile)
     engine = Engine(loaded, registry, engine_config)
     engine.start()
+    watcher = StoreWatcher(registry, args.store_poll_interval).start() if args.store_poll_interval > 0 else None
     stats = engine.stats()
     log.info("engine: batch %d, sequence length %d, queue %d, KV cache %.1f MiB",
              engine_config.max_batch, engine_config.max_seq_len, engine_config.max_queue,
@@ -145,9 +173,31 @@ def run(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=args.shutdown_timeout, log_config=None))
     try:
-        server.run()
+        _serve_until_signalled(server)
     finally:
         watcher.stop()
         engine.shutdown(graceful=True)
+        if watcher is not None:
+            watcher.stop()
         log.info("stopped")
     return 0
+
+
+def _serve_until_signalled(server) -> None:
+    """Run uvicorn in a thread and turn SIGINT/SIGTERM into its graceful exit (a second signal
+    forces it). uvicorn's own handling re-raises the signal once it has drained, which would
+    kill the process before the engine and the store watcher are shut down."""
+    def on_signal(signum, frame) -> None:
+        log.info("%s: shutting down (again to force)", signal.Signals(signum).name)
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=server.run, name="http")
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)    # a timed join keeps the main thread free to run signal handlers
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
