@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=(*SHAPES, "all"), default="all")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (1 avoids OpenMP "
+                                                     "barrier stalls on an oversubscribed CPU)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for shape in SHAPES if args.shape == "all" else (args.shape,):
         torch.manual_seed(0)
         result = bench_adapter_load(attention_only_model(shape), repeats=args.repeats, shape=shape)

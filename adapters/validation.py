@@ -48,7 +48,6 @@ class TensorEntry:
 class SafetensorsHeader:
     tensors: list[TensorEntry]
     metadata: dict[str, str]
-    header_bytes: int
 
 
 def _what_it_looks_like(head: bytes) -> str | None:
@@ -104,7 +103,7 @@ def parse_safetensors_header(head: bytes, total_size: int,
         raise AdapterValidationError(f"too many tensors: {len(header)} (limit {limits.max_tensors})")
     entries = [_tensor_entry(name, info) for name, info in header.items()]
     _check_layout(entries, total_size - 8 - n)
-    return SafetensorsHeader(entries, metadata, n)
+    return SafetensorsHeader(entries, metadata)
 
 
 def _tensor_entry(name: str, info) -> TensorEntry:

@@ -194,3 +194,13 @@ def test_threads_acquire_while_versions_change(tmp_path, model):
     assert not errors and served and all(served)
     s = reg.stats()
     assert s.pinned_count == 0 and s.resident_count <= 3
+
+
+def test_load_benchmark_runs_through_the_real_path(model):
+    from adapters.bench_load import bench_adapter_load
+
+    r = bench_adapter_load(model, adapter_len=3, repeats=2)
+    assert (r.adapted_layers, r.adapter_len) == (2, 3)
+    w = random_adapter(model, k=3)
+    assert r.kv_bytes == _expected(model, w).nbytes()
+    assert r.cached_load_ms > 0 and r.computed_load_ms > 0
