@@ -9,9 +9,12 @@ import json
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -134,6 +137,46 @@ def test_entrypoint_settings_reach_serve_as_options(tmp_path):
     args = serve_parser(exported).parse_args(command[1:])
     assert (args.command, args.port, args.max_batch, args.store, args.compile, args.admin_token) == (
         "serve", 9100, 5, str(tmp_path / "store"), False, "tok-123")   # the flag beat the variable
+
+
+def test_entrypoint_execs_a_server_configured_only_by_environment(tmp_path, tiny_model_dir):
+    """The exec path for real: a server started by the entrypoint from ADAPTER_SERVER_* variables
+    (token from a file) passes the images' HEALTHCHECK command, and SIGTERM reaches the server
+    itself (exec, no shell in between) for a clean exit."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    console_script = bin_dir / "adapter-server"    # what `pip install` generates
+    console_script.write_text(f"#!{sys.executable}\nimport sys\nfrom server.cli import main\nsys.exit(main())\n")
+    console_script.chmod(0o755)
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=str(ROOT),
+               ADAPTER_SERVER_MODEL=str(tiny_model_dir), ADAPTER_SERVER_HOST="127.0.0.1",
+               ADAPTER_SERVER_PORT=str(port), ADAPTER_SERVER_STORE=str(tmp_path / "store"),
+               ADAPTER_SERVER_MAX_BATCH="2", ADAPTER_SERVER_ADMIN_TOKEN_FILE=str(token_file))
+    healthcheck = exec_form(next(rest for instr, rest in dockerfile(DOCKERFILES[0]) if instr == "HEALTHCHECK"))
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([sys.executable, *healthcheck[1:]], env=env, capture_output=True).returncode:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        url = f"http://127.0.0.1:{port}/admin/adapters"
+        assert httpx.get(url, headers={"Authorization": "Bearer file-token"}).status_code == 200
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 403
+        assert (tmp_path / "store").is_dir()      # ADAPTER_SERVER_STORE reached serve
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------- Dockerfiles
