@@ -85,7 +85,7 @@ def bench_adapter_load(model, adapter_len: int = 10, adapted_layers: int | None 
                 elapsed = time.perf_counter() - start
                 return elapsed, lease.kv.nbytes()
 
-        cached, sizes = zip(*(timed_load() for _ in range(repeats)))
+        cached, sizes = zip(*(timed_load() for _ in range(repeats)), strict=True)
         computed = []
         for _ in range(max(2, repeats // 4)):     # the slow path; fewer repetitions
             for p in kv_files:

@@ -137,7 +137,7 @@ def _cmd_list(args) -> None:
                      datetime.fromtimestamp(v.created).strftime("%Y-%m-%d %H:%M"), v.source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _cmd_show(args) -> None:

@@ -41,7 +41,7 @@ def test_pinned_entries_are_never_evicted():
         _use(pool, key)
         assert "pinned" in pool.keys() and pool.is_pinned("pinned")
     # Over budget only while pinned; released, it is evicted back down to the budget.
-    also = pool.acquire("also", _kv)
+    pool.acquire("also", _kv)
     assert set(pool.keys()) == {"pinned", "also"} and pool.stats().pinned_count == 2
     pool.release("also")
     assert set(pool.keys()) == {"pinned"}
