@@ -132,16 +132,24 @@ class Transformer(nn.Module):
         row attends to its slot's positions ≤ its own. Padding rows/tokens are allowed if their
         positions stay inside the cache; their outputs are meaningless and must be ignored.
         """
-        b, t = tokens.shape
+        x = self.run_layers(self.tok_embeddings(tokens), positions, cache, slots, adapters)
+        if logits_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_index]
+        return self.output(self.norm(x)).float()
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                   cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                   adapters: AdapterBatch | None = None, layers: range | None = None) -> torch.Tensor:
+        """Hidden states x [B, T, dim] through `layers` (default: all) → [B, T, dim], before the
+        final norm. Training runs sub-ranges: the frozen layers below the first adapted one once
+        per example, without autograd, and the output head only at target positions."""
+        b, t, _ = x.shape
         if positions is None:
-            positions = torch.arange(t, device=tokens.device).expand(b, t)
+            positions = torch.arange(t, device=x.device).expand(b, t)
         ctx = _StepContext(cache, slots, positions)
         dtype = self.tok_embeddings.weight.dtype
         cos = self.rope_cos[positions].to(dtype).unsqueeze(1)    # [B, 1, T, D]
         sin = self.rope_sin[positions].to(dtype).unsqueeze(1)
-        x = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, ctx, adapters.layer(i) if adapters is not None else None)
-        if logits_index is not None:
-            x = x[torch.arange(b, device=x.device), logits_index]
-        return self.output(self.norm(x)).float()
+        for i in layers if layers is not None else range(len(self.layers)):
+            x = self.layers[i](x, cos, sin, ctx, adapters.layer(i) if adapters is not None else None)
+        return x
