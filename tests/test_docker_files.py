@@ -531,3 +531,36 @@ def test_every_environment_variable_the_code_reads_is_documented():
     used = {m for p in [*sources, ENTRYPOINT, *DOCKERFILES]
             for m in re.findall(r"\bADAPTER_SERVER_[A-Z0-9_]*[A-Z0-9]\b", p.read_text())}
     assert used and not {v for v in used if f"`{v}`" not in doc}
+
+
+# ---------------------------------------------------------------- docs/deployment.md examples
+
+def doc_curl_commands(path: Path) -> list[str]:
+    """Every `curl` command in the file's bash blocks, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+        for command in re.sub(r"\\\n\s*", "", block).splitlines():
+            if command.startswith("curl "):
+                commands.append(command)
+    return commands
+
+
+def test_deployment_doc_curl_examples_work_against_a_real_server(tiny_loaded, tmp_path):
+    """The documented requests, verbatim except for host, port and token, in document order."""
+    from http_harness import ADMIN_TOKEN, live_server
+
+    from adapter_helpers import adapter_bytes, random_adapter
+
+    (tmp_path / "my-adapter.safetensors").write_bytes(
+        adapter_bytes(tiny_loaded.model, random_adapter(tiny_loaded.model, seed=3)))
+    commands = doc_curl_commands(ROOT / "docs" / "deployment.md")
+    assert len(commands) >= 4
+    with live_server(tiny_loaded, tmp_path / "store") as server:
+        host = server.url.removeprefix("http://")
+        for command in commands:
+            command = re.sub(r"localhost:80[0-9]0", host, command).replace("change-me", ADMIN_TOKEN)
+            checked = "curl --fail-with-body -sS " + command.removeprefix("curl ")   # non-2xx fails
+            r = subprocess.run(["bash", "-c", checked],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "ADAPTER_SERVER_ADMIN_TOKEN": ADMIN_TOKEN})
+            assert r.returncode == 0, f"{command}\n{r.stdout}\n{r.stderr}"
