@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
     from server.app import ServerSettings, create_app
     from server.engine import Engine
     from server.replica_watch import StoreWatcher
-    from server.replica_watch import StoreWatcher
     from server.types import EngineConfig
 
     logging.getLogger().setLevel(args.log_level.upper())
@@ -168,14 +167,12 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, registry, loaded, settings)
     log.info("OpenAI model id %r; admin API %s; listening on http://%s:%d", app.state.ctx.model_id,
              "on" if settings.admin_token else "off (no --admin-token)", args.host, args.port)
-    watcher = StoreWatcher(registry).start()   # uploads/deletes by other replicas sharing the store
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=args.shutdown_timeout, log_config=None))
     try:
         _serve_until_signalled(server)
     finally:
-        watcher.stop()
         engine.shutdown(graceful=True)
         if watcher is not None:
             watcher.stop()
