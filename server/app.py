@@ -100,6 +100,7 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
     ctx = ServerContext(engine=engine, registry=registry, loaded=loaded, settings=settings,
                         metrics=ServerMetrics(engine.stats, pool_stats),
                         model_id=settings.model_id or loaded.name, created=int(time.time()))
+    engine.add_completion_callback(ctx.metrics.observe_result)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

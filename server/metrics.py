@@ -1,9 +1,11 @@
 """Prometheus metrics of one app (its own CollectorRegistry, so several apps can live in one process).
 
 Per-request series are labelled by adapter name (the base model is `BASE_LABEL`), never by
-version or request, to keep cardinality bounded by the number of adapters. Engine and adapter-pool
-figures are read from `engine.stats()` / `registry.stats()` at scrape time, so the engine needs
-no Prometheus dependency and the gauges are never stale.
+version or request, to keep cardinality bounded by the number of adapters. Request counts by
+HTTP status come from the routes; tokens, latency, TTFT and finish reasons from the engine's
+completion callback, so generations cut short by a client that went away are counted too.
+Engine and adapter-pool figures are read from `engine.stats()` / `registry.stats()` at scrape
+time, so the engine needs no Prometheus dependency and the gauges are never stale.
 """
 
 from __future__ import annotations
@@ -83,14 +85,16 @@ class ServerMetrics:
                                         ["operation", "status"], registry=r)
         r.register(_LiveStatsCollector(engine_stats, pool_stats))
 
-    def observe(self, endpoint: str, status: int, adapter: str, result: GenerationResult | None) -> None:
-        """Record one HTTP generation request; `adapter` is the requested name (or BASE_LABEL).
+    def observe_request(self, endpoint: str, status: int, adapter: str) -> None:
+        """Count one HTTP generation request; `adapter` is a label from `adapter_label`.
 
         `status` is the HTTP status, except 499 for a client that went away mid-request.
         """
         self.requests.labels(adapter, endpoint, str(status)).inc()
-        if result is None:
-            return
+
+    def observe_result(self, result: GenerationResult) -> None:
+        """Engine completion callback: every finished generation, cancelled ones included."""
+        adapter = adapter_label(result.adapter_ref)
         self.finish_reasons.labels(adapter, result.finish_reason).inc()
         self.prompt_tokens.labels(adapter).inc(result.prompt_tokens)
         self.generated_tokens.labels(adapter).inc(result.generated_tokens)

@@ -152,20 +152,21 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def result_unless_disconnected(request: Request, handle) -> GenerationResult:
-    """Await a non-streamed result; if the client hangs up first, cancel the request (slot freed)."""
+    """Await a non-streamed result; if the client hangs up first (or this task is cancelled,
+    e.g. at shutdown), cancel the request so its slot is freed."""
     result_task = asyncio.ensure_future(handle.result())
     disconnect_task = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        done, _ = await asyncio.wait({result_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
-        if result_task not in done:
-            handle.cancel()
-            raise ClientDisconnected()
-        return result_task.result()
+        await asyncio.wait({result_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect_task.cancel()
-        if not result_task.done():
+        abandoned = not result_task.done()
+        if abandoned:
             handle.cancel()
             result_task.cancel()
+    if abandoned:
+        raise ClientDisconnected()
+    return result_task.result()
 
 
 def finite_logprob(x: float) -> float:

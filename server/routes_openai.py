@@ -228,17 +228,17 @@ async def _complete(request: Request, ctx: ServerContext, body, endpoint: str):
             raise engine_error(e, ctx.settings) from None
         answer = call.response(result)
     except ApiError as e:
-        ctx.metrics.observe(endpoint, e.status, label, None)
+        ctx.metrics.observe_request(endpoint, e.status, label)
         raise
     except ClientDisconnected:
-        ctx.metrics.observe(endpoint, 499, label, None)
+        ctx.metrics.observe_request(endpoint, 499, label)
         raise
-    ctx.metrics.observe(endpoint, 200, label, result)
+    ctx.metrics.observe_request(endpoint, 200, label)
     return JSONResponse(answer.model_dump(mode="json", exclude_none=False))
 
 
 def _stream(ctx: ServerContext, call: _Call, handle, endpoint: str, label: str) -> EngineEventStream:
-    outcome: dict = {"status": 499, "result": None}
+    outcome = {"status": 499}
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -256,17 +256,17 @@ def _stream(ctx: ServerContext, call: _Call, handle, endpoint: str, label: str) 
             yield _dump(call.chunk("" if not call.chat else None, finish=_finish(result)))
             if call.include_usage:
                 yield _dump(call.chunk(None, usage=call.usage(result), final_usage_chunk=True))
-            outcome.update(status=200, result=result)
+            outcome["status"] = 200
             yield "data: [DONE]\n\n"
         except (ApiError, EngineError) as e:
             err = e if isinstance(e, ApiError) else engine_error(e, ctx.settings)
-            outcome.update(status=err.status)
+            outcome["status"] = err.status
             yield sse(openai_error_body(err))
         finally:
             handle.cancel()   # no-op when finished; frees the slot when the client went away
 
     def record() -> None:
-        ctx.metrics.observe(endpoint, outcome["status"], label, outcome["result"])
+        ctx.metrics.observe_request(endpoint, outcome["status"], label)
 
     return EngineEventStream(events(), on_close=record)
 

@@ -154,7 +154,7 @@ def _start(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[_Call, 
         call = _Call(ctx, body, adapter_ref)
         return call, call.submit(), label
     except ApiError as e:
-        ctx.metrics.observe(endpoint, e.status, label, None)
+        ctx.metrics.observe_request(endpoint, e.status, label)
         raise
 
 
@@ -168,19 +168,19 @@ async def _generate(request: Request, ctx: ServerContext, body: TGIRequest, endp
             raise engine_error(e, ctx.settings) from None
         answer = call.response(result)
     except ApiError as e:
-        ctx.metrics.observe(endpoint, e.status, label, None)
+        ctx.metrics.observe_request(endpoint, e.status, label)
         raise
     except ClientDisconnected:
-        ctx.metrics.observe(endpoint, 499, label, None)
+        ctx.metrics.observe_request(endpoint, 499, label)
         raise
-    ctx.metrics.observe(endpoint, 200, label, result)
+    ctx.metrics.observe_request(endpoint, 200, label)
     content = answer.model_dump(mode="json")
     return JSONResponse([content] if as_list else content)
 
 
 def _stream(ctx: ServerContext, body: TGIRequest, endpoint: str) -> EngineEventStream:
     call, handle, label = _start(ctx, body, endpoint)
-    outcome: dict = {"status": 499, "result": None}
+    outcome = {"status": 499}
 
     async def events() -> AsyncIterator[str]:
         # TGI puts generated_text/details on the last token's event, so each event is held back
@@ -194,16 +194,16 @@ def _stream(ctx: ServerContext, body: TGIRequest, endpoint: str) -> EngineEventS
             result = await handle.result()
             if pending is not None:
                 yield sse(call.stream_event(pending, result))
-            outcome.update(status=200, result=result)
+            outcome["status"] = 200
         except (ApiError, EngineError) as e:
             err = e if isinstance(e, ApiError) else engine_error(e, ctx.settings)
-            outcome.update(status=err.status)
+            outcome["status"] = err.status
             yield sse(TGIError(error=err.message, error_type=err.kind))
         finally:
             handle.cancel()   # no-op when finished; frees the slot when the client went away
 
     def record() -> None:
-        ctx.metrics.observe(endpoint, outcome["status"], label, outcome["result"])
+        ctx.metrics.observe_request(endpoint, outcome["status"], label)
 
     return EngineEventStream(events(), on_close=record)
 
