@@ -23,7 +23,7 @@ import pytest
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from server.replica_watch import StoreWatcher
-from tests.adapter_helpers import adapter_bytes, random_adapter
+from adapter_helpers import adapter_bytes, random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "replica-test-token"
