@@ -115,6 +115,7 @@ async def upload_adapter(name: str, file: UploadFile = File(..., description="Th
 @router.get("/adapters", response_model=AdapterListOut)
 async def list_adapters(ctx: ServerContext = Depends(require_admin)):
     """Every adapter with all its versions."""
+    _count(ctx, "list", 200)
     return {"adapters": [a.to_dict() for a in ctx.registry.list()]}
 
 
@@ -122,9 +123,13 @@ async def list_adapters(ctx: ServerContext = Depends(require_admin)):
 async def show_adapter(name: str, ctx: ServerContext = Depends(require_admin)):
     """One adapter and all its versions."""
     try:
-        return ctx.registry.info(name).to_dict()
+        info = ctx.registry.info(name)
     except (AdapterNotFoundError, AdapterNameError) as e:
-        raise _lookup_error(e) from None
+        err = _lookup_error(e)
+        _count(ctx, "show", err.status)
+        raise err from None
+    _count(ctx, "show", 200)
+    return info.to_dict()
 
 
 @router.delete("/adapters/{name}", response_model=DeletedOut)

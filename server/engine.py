@@ -285,17 +285,27 @@ class Engine:
                     self._wakeup.wait()
                 if self._stop and not self._has_work():
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:      # never let the thread die with requests in flight
+                log.exception("engine step failed outside the forward")
+                self._fail_running(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+                self._flush_outbox()
 
     @torch.inference_mode()
     def step(self) -> None:
         """One scheduling round: cancellations, admissions, the forwards, sampling, streaming."""
-        with self._lock:
+        with self._lock:     # the waiting queue is shared with submit(); callbacks run unlocked
             cancels, self._cancel_requests = self._cancel_requests, []
-            for seq in cancels:
-                if seq.slot >= 0 or seq in self.scheduler.waiting:
-                    self._finish(seq, "cancelled")
+            dequeued = [s for s in cancels if s.slot < 0 and s in self.scheduler.waiting]
+            for seq in dequeued:
+                self.scheduler.remove(seq)
             self.scheduler.admit()
+        for seq in dequeued:
+            self._complete(seq, "cancelled")
+        for seq in cancels:
+            if seq.slot >= 0:
+                self._finish(seq, "cancelled")
         plan = self.scheduler.plan()
         if not plan.empty:
             try:
@@ -403,11 +413,16 @@ class Engine:
             self._finish(seq, finish, matched)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_sequence: str | None = None) -> None:
+        """A running sequence is done: free its slot, then report."""
         move = self.scheduler.remove(seq)
         if move is not None:        # keep slots compact: the last slot's K/V fill the hole
             n = move.seq.n_cached
             self.cache.k[:, move.dst, :, :n] = self.cache.k[:, move.src, :, :n]
             self.cache.v[:, move.dst, :, :n] = self.cache.v[:, move.src, :, :n]
+        self._complete(seq, reason, stop_sequence)
+
+    def _complete(self, seq: Sequence, reason: FinishReason, stop_sequence: str | None = None) -> None:
+        """Release the adapter, deliver the result, run the completion callbacks."""
         a: _Active = seq.payload
         if a.lease is not None:
             a.lease.release()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
@@ -43,7 +44,6 @@ class ServerContext:
     model_id: str
     ready: bool = False
     created: int = 0                       # unix time the app was built (OpenAI `created`)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokenizer(self):
@@ -110,21 +110,25 @@ def resolve_max_new_tokens(ctx: ServerContext, requested: int | None, prompt_len
     return max(1, min(ctx.settings.default_max_new_tokens, ctx.max_seq_len - prompt_len))
 
 
-def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | None:
+async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | None:
     """'name' or 'name@N' → the exact 'name@N' to serve (None = base model), or a 404.
 
     Pinning the version here means everything said about the request (metrics label,
     system_fingerprint) names the version that actually serves it, even if an upload lands
-    between this call and the engine's."""
+    between this call and the engine's. A version not yet on the device is loaded here, in a
+    worker thread, so reading its file and computing its K/V never stalls the event loop."""
     if requested is None:
         return None
     if ctx.registry is None:
-        raise ApiError(404, f"adapter not found: {requested!r} (this server has no adapter store)",
+        raise ApiError(404, f"adapter {requested!r} not found: this server has no adapter store",
                        "not_found", "adapter")
     try:
-        return ctx.registry.resolve(requested).ref
-    except (AdapterNotFoundError, AdapterNameError) as e:
+        info = ctx.registry.resolve(requested)
+        if not ctx.registry.is_resident(info.name, info.version):
+            await run_in_threadpool(lambda: ctx.registry.acquire(info.ref).release())
+    except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings) from None
+    return info.ref
 
 
 def request_label(requested: str | None) -> str:

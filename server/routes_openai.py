@@ -12,6 +12,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from model.chat_template import ChatTemplateError
 from server.metrics import adapter_label
 from server.routes_common import (ApiError, ClientDisconnected, EngineEventStream, ServerContext,
                                   encode_prompt, engine_error, finite_logprob, get_ctx, request_label,
@@ -21,7 +22,7 @@ from server.schemas_openai import (AssistantMessage, ChatChoice, ChatChunkChoice
                                    ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs,
                                    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                    ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage,
-                                   _SamplingFields)
+                                   SamplingFields)
 from server.types import EngineError, GenerationResult, InvalidRequestError, SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -37,7 +38,7 @@ def _finish(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
-def _refuse_unsupported(body: _SamplingFields) -> None:
+def _refuse_unsupported(body: SamplingFields) -> None:
     checks = [
         ("n", body.n != 1, "only n=1 is supported"),
         ("presence_penalty", body.presence_penalty not in (None, 0.0), "not supported (use repetition_penalty)"),
@@ -64,7 +65,7 @@ def _refuse_unsupported(body: _SamplingFields) -> None:
             raise InvalidRequestError(name, why)
 
 
-def _sampling_params(ctx: ServerContext, body: _SamplingFields, max_tokens: int | None, top_logprobs: int,
+def _sampling_params(ctx: ServerContext, body: SamplingFields, max_tokens: int | None, top_logprobs: int,
                      prompt_len: int) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
@@ -113,8 +114,8 @@ class _Call:
                     for m in body.messages]
         try:
             text = self.ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:   # jinja2 templates raise their own errors ("roles must alternate" ...)
-            raise InvalidRequestError("messages", f"the chat template refused these messages: {e}") from None
+        except ChatTemplateError as e:   # no template, or it raised ("roles must alternate" ...)
+            raise InvalidRequestError("messages", str(e)) from None
         # The template writes BOS itself where the model wants one, as HF's convention has it.
         return encode_prompt(self.ctx, text, add_bos=False)
 
@@ -216,7 +217,7 @@ async def _complete(request: Request, ctx: ServerContext, body, endpoint: str):
     requested = None if body.model == ctx.model_id else body.model
     label = request_label(requested)
     try:
-        adapter_ref = resolve_adapter(ctx, requested)
+        adapter_ref = await resolve_adapter(ctx, requested)
         label = adapter_label(adapter_ref)
         call = _Call(ctx, body, adapter_ref)
         handle = call.submit()

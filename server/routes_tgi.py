@@ -145,11 +145,11 @@ class _Call:
         return event
 
 
-def _start(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[_Call, object, str]:
+async def _start(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[_Call, object, str]:
     """Resolve, translate and submit; a refusal is counted and raised as ApiError."""
     label = request_label(body.adapter_id if body.adapter_id is not None else body.parameters.adapter_id)
     try:
-        adapter_ref = resolve_adapter(ctx, _requested_adapter(body))
+        adapter_ref = await resolve_adapter(ctx, _requested_adapter(body))
         label = adapter_label(adapter_ref)
         call = _Call(ctx, body, adapter_ref)
         return call, call.submit(), label
@@ -160,7 +160,7 @@ def _start(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[_Call, 
 
 async def _generate(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str,
                     as_list: bool) -> JSONResponse:
-    call, handle, label = _start(ctx, body, endpoint)
+    call, handle, label = await _start(ctx, body, endpoint)
     try:
         try:
             result = await result_unless_disconnected(request, handle)
@@ -178,8 +178,8 @@ async def _generate(request: Request, ctx: ServerContext, body: TGIRequest, endp
     return JSONResponse([content] if as_list else content)
 
 
-def _stream(ctx: ServerContext, body: TGIRequest, endpoint: str) -> EngineEventStream:
-    call, handle, label = _start(ctx, body, endpoint)
+async def _stream(ctx: ServerContext, body: TGIRequest, endpoint: str) -> EngineEventStream:
+    call, handle, label = await _start(ctx, body, endpoint)
     outcome = {"status": 499}
 
     async def events() -> AsyncIterator[str]:
@@ -217,7 +217,7 @@ async def generate(request: Request, body: TGIRequest, ctx: ServerContext = Depe
 @router.post("/generate_stream", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS})
 async def generate_stream(body: TGIRequest, ctx: ServerContext = Depends(get_ctx)):
     """Stream tokens as server-sent events, one `data:` per token; the last adds generated_text and details."""
-    return _stream(ctx, body, "generate_stream")
+    return await _stream(ctx, body, "generate_stream")
 
 
 @router.post("/", response_model=list[GenerateResponse],
@@ -225,5 +225,5 @@ async def generate_stream(body: TGIRequest, ctx: ServerContext = Depends(get_ctx
 async def compat_generate(request: Request, body: TGIRequest, ctx: ServerContext = Depends(get_ctx)):
     """TGI's compat route used by its Python clients: a one-element list, or SSE when `stream` is true."""
     if body.stream:
-        return _stream(ctx, body, "compat_stream")
+        return await _stream(ctx, body, "compat_stream")
     return await _generate(request, ctx, body, "compat", as_list=True)

@@ -35,7 +35,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class _SamplingFields(BaseModel):
+class SamplingFields(BaseModel):
     """Fields shared by chat and legacy completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -58,7 +58,12 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = Field(False, description="Extension: do not stop at the end-of-sequence token.")
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "my-adapter", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32,
+         "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+    ]})
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = Field(None, description="Preferred over max_tokens when both are set.")
@@ -69,7 +74,11 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' (or null) is supported.")
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "my-adapter@1", "prompt": "Once upon a time", "max_tokens": 16, "logprobs": 2},
+    ]})
+
     prompt: str | list[str] | list[int] = Field(..., description="One prompt: text, [text] or token ids.")
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, description="0..20 alternatives per token (legacy format).")

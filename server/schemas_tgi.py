@@ -47,7 +47,11 @@ class TGIParameters(BaseModel):
 
 
 class TGIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"inputs": "What is LLaMA-Adapter?", "parameters": {"max_new_tokens": 32, "details": True}},
+        {"inputs": "Translate to French: cheese", "adapter_id": "my-adapter@2",
+         "parameters": {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["\n"]}},
+    ]})
 
     inputs: str = Field(..., min_length=1)
     parameters: TGIParameters = Field(default_factory=TGIParameters)

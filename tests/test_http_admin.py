@@ -12,6 +12,8 @@ import httpx
 import pytest
 
 from adapter_helpers import adapter_bytes, random_adapter
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
 from conftest import random_tiny_model
 from http_harness import ADMIN_TOKEN, live_server
 from model.fingerprint import base_fingerprint
@@ -65,7 +67,6 @@ def test_admin_disabled_without_token(tiny_loaded, tmp_path):
 
 
 def test_upload_list_show_delete(server):
-    model = server.loaded.model
     base = tokens(generate(server, None))
     v1 = server.upload("ad", seed=1)
     assert (v1["name"], v1["version"], v1["ref"]) == ("ad", 1, "ad@1")
@@ -181,3 +182,13 @@ def test_queue_full_is_503_with_retry_after_and_client_gone_cancels(server):
     assert (stats.waiting, stats.running) == (0, 0)
     assert stats.requests_cancelled_total == cancelled_before + 1
     assert tokens(generate(server, None, 4))
+
+
+def test_adapter_added_by_another_replica_is_loaded_on_first_use(server):
+    model = server.loaded.model
+    replica = AdapterRegistry(AdapterStore(server.registry.store.root), model, server.loaded.fingerprint)
+    replica.upload("elsewhere", adapter_bytes(model, random_adapter(model, seed=21)))
+    assert not server.registry.is_resident("elsewhere", 1)
+    out = generate(server, "elsewhere")
+    assert server.registry.is_resident("elsewhere", 1)
+    assert tokens(out) == tokens(generate(server, "elsewhere@1")) != tokens(generate(server, None))
