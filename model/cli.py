@@ -7,7 +7,8 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     fetch = subparsers.add_parser(
-        "fetch-default", help="download and convert the embedded default model (once) and print its directory")
+        "fetch-default",
+        help="download and convert the embedded default model (once) and print its directory")
     fetch.set_defaults(func=_fetch_default)
 
 

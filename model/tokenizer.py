@@ -150,7 +150,8 @@ class HFTokenizer(Tokenizer):
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens,
                   "add_bos_token": self.add_bos, "add_eos_token": False,
                   "clean_up_tokenization_spaces": False, "chat_template": self.chat_template}
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        (out_dir / "tokenizer_config.json").write_text(text)
 
 
 def _gguf_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:

@@ -18,7 +18,8 @@ def test_cached_dir_is_complete_and_reused(monkeypatch, capsys):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             dm.GGUF_NAME} <= {p.name for p in path.iterdir()}
     config = json.loads((path / "config.json").read_text())
-    assert (config["num_hidden_layers"], config["hidden_size"], config["tie_word_embeddings"]) == (30, 576, True)
+    shape = (config["num_hidden_layers"], config["hidden_size"], config["tie_word_embeddings"])
+    assert shape == (30, 576, True)
 
     def no_download(*_args):
         raise AssertionError("a cached default model must not be fetched again")
@@ -72,7 +73,8 @@ def test_matches_transformers_reading_the_gguf(default_model, greedy):
         ours = default_model.model(torch.tensor([prompt]))
     torch.testing.assert_close(ours, expected, atol=1e-3, rtol=1e-4)
     with torch.no_grad():
-        ref_ids = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                               max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_id)[0, len(prompt):]
+        ids = torch.tensor([prompt])
+        ref_ids = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                               pad_token_id=tok.eos_id)[0, len(prompt):]
     assert len(ref_ids) > 5
     assert greedy(default_model.model, prompt, 20)[0][:len(ref_ids)] == ref_ids.tolist()

@@ -69,7 +69,7 @@ def write_meta(path, model, n_shards: int = 1) -> None:
         else:
             dim = 1 if name.endswith(("wo.weight", "w2.weight")) or name == "tok_embeddings.weight" else 0
             pieces = t.chunk(n_shards, dim=dim)
-        for shard, piece in zip(shards, pieces):
+        for shard, piece in zip(shards, pieces, strict=True):
             shard[name] = piece.clone()
     for i, shard in enumerate(shards):
         torch.save(shard, path / f"consolidated.{i:02d}.pth")
@@ -120,8 +120,8 @@ def tokens():
 @pytest.mark.parametrize("variant", ["plain", "tied", "llama3_rope"])
 def test_matches_transformers_llama(tmp_path, tiny_config_factory, tokens, variant):
     overrides = {"tied": {"tie_embeddings": True},
-                 "llama3_rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0,
+                 "llama3_rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 8}},
                  "plain": {}}[variant]
     hf = _hf_llama(tiny_config_factory(**overrides))
@@ -182,7 +182,8 @@ def test_gguf_with_tokenizer_loads_end_to_end(tmp_path, tiny_model_dir, tiny_loa
         w.add_tokenizer_pre("default")
         w.add_token_list(token_list)
         w.add_token_merges(merges)
-        w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in token_list])
+        w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL
+                           for t in token_list])
         w.add_bos_token_id(hf_tok.bos_id)
         w.add_eos_token_id(hf_tok.eos_id)
         w.add_add_bos_token(False)

@@ -73,7 +73,8 @@ def test_tiny_model_matches_peft(tiny_hf, tmp_path, greedy):
     peft_model = _peft_model(base, adapter_len=6, adapter_layers=3, prompt_std=1.0, seed=1, gates=(0.3, 1.0))
     weights, adapters = _ours_adapter(peft_model, ours, tmp_path)
     assert weights.layers == [1, 2, 3] and weights.adapter_len == 6 and weights.gate_kind == "scalar"
-    prompt = torch.randint(0, ours.config.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, ours.config.vocab_size, (9,), generator=gen).tolist()
     ours_out = greedy(ours, prompt, 16, adapters)
     _assert_same_generation(ours_out, _peft_greedy(peft_model, prompt, 16))
     # The adapter matters: without it the model says something else.
@@ -99,7 +100,8 @@ def test_default_model_matches_peft(default_model, tmp_path, greedy):
     lm = default_model
     base = transformers.AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
     # Prompts on the scale of the token embeddings (std ≈ 0.14); PEFT's documented shape K=10, L=28.
-    peft_model = _peft_model(base, adapter_len=10, adapter_layers=28, prompt_std=0.15, seed=5, gates=(0.2, 0.6))
+    peft_model = _peft_model(base, adapter_len=10, adapter_layers=28, prompt_std=0.15, seed=5,
+                             gates=(0.2, 0.6))
     _, adapters = _ours_adapter(peft_model, lm.model, tmp_path)
     prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "Write one sentence about the sea."}])
     stop = lm.tokenizer.stop_ids

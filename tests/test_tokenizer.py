@@ -12,7 +12,8 @@ from model.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 transformers = pytest.importorskip("transformers")
 
 SAMPLES = [
-    "Hello world", "  leading spaces and   runs\t\ttabs\n\n\nnewlines  ", "123 4567 89012 3.14159 -42 1e10",
+    "Hello world", "  leading spaces and   runs\t\ttabs\n\n\nnewlines  ",
+    "123 4567 89012 3.14159 -42 1e10",
     "naïve café 日本語のテキスト Ελληνικά русский", "emoji 😀🎉👍🏽 family 👨‍👩‍👧",
     "def f(x):\n    return x**2  # square\n", "don't won't it's I'm", '$$ \\frac{a}{b} $$ {"k": [1,2]}',
     "   ", "", "tab\tsep\u00a0nbsp\u200bzwsp", "\r\nwindows\r\n",
@@ -25,9 +26,10 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def sp_model_dir(tmp_path_factory):
     """A tiny Llama-style sentencepiece model (BPE, byte fallback, split digits) in a Meta-like dir."""
     spm = pytest.importorskip("sentencepiece")
-    corpus = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
-              "def add(a, b):\n    return a + b", "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 2024",
-              "naïve café résumé", "Hello, world! How are you?", "日本語 テキスト", "Ελληνικά русский язык"] * 20
+    corpus = 20 * ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
+                   "def add(a, b):\n    return a + b", "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 2024",
+                   "naïve café résumé", "Hello, world! How are you?", "日本語 テキスト",
+                   "Ελληνικά русский язык"]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=buf, vocab_size=400, model_type="bpe",

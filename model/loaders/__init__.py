@@ -51,7 +51,8 @@ def detect_format(path: Path) -> str:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    from . import gguf, hf, meta   # noqa: PLC0415 (gguf import is slow; keep it off the CLI's start-up path)
+    # Imported here: `gguf` is slow to import and the CLI should start fast.
+    from . import gguf, hf, meta  # noqa: PLC0415
 
     path = Path(path).expanduser()
     readers = {"gguf": gguf.read_checkpoint, "hf": hf.read_checkpoint, "meta": meta.read_checkpoint}

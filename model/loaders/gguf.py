@@ -61,6 +61,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if meta.get("general.architecture") == "llama" and unknown:
         # e.g. rope_freqs (Llama 3.1 scaling) or biases: ignoring them would silently change outputs.
         raise UnsupportedModelError(f"{path}: unsupported GGUF tensors {unknown[:5]}")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise UnsupportedModelError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
     try:
         config = ModelConfig.from_gguf_metadata(meta, tied="output.weight" not in names)
     except KeyError as e:

@@ -66,7 +66,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
                         if ours is None:
                             if key.endswith(_IGNORED_SUFFIXES):
                                 continue
-                            raise UnsupportedModelError(f"{file}: tensor {key!r} has no place in a LLaMA model")
+                            raise UnsupportedModelError(
+                                f"{file}: tensor {key!r} has no place in a LLaMA model")
                         yield ours, f.get_tensor(key)
             except SafetensorError as e:
                 raise CheckpointError(f"{file}: corrupt safetensors file ({e})") from e
