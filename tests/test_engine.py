@@ -289,3 +289,18 @@ def test_async_streaming_generate_and_shutdown(loaded):
     asyncio.run(main())
     with pytest.raises(RuntimeError, match="shutting down"):
         engine.submit(GenerationRequest([5], greedy(1)))
+
+
+def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
+    from model.loading import load_model
+    from server.bench import QUICK, format_table, measure
+
+    report = measure(load_model(tiny_model_dir), QUICK, peers=True)
+    engine, peers = report["engine"], report["transformers"]
+    assert engine["adapters_tok_s"] > 0 and engine["base_tok_s"] > 0 and engine["batch1_decode_tok_s"] > 0
+    assert peers["peft_per_adapter_batches_tok_s"] > 0 and peers["homogeneous_batch_tok_s"] > 0
+    assert report["roofline"]["compute_tok_s"] > 0 and report["machine"]["copy_gb_s"] > 0
+    assert set(report["ratios"]) == {"a_over_b", "a_over_c", "a_over_d", "a_over_compute_roofline",
+                                     "e_over_bandwidth_roofline", "e_over_transformers_batch1"}
+    table = format_table(report)
+    assert all(f"({row})" in table for row in "abcdefg")

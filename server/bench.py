@@ -1,0 +1,311 @@
+"""`adapter-server bench`: the engine against its peers and the machine's rooflines, in one run.
+
+(a) the engine: N concurrent requests spread over M adapters; (b) the same requests on the base
+model; (c) transformers + PEFT adaption_prompt, one batch per adapter (`set_adapter`, the best
+batching PEFT allows); (d) transformers, all N requests as one homogeneous base-model batch;
+(e) batch-1 decode (engine and transformers); (f) rooflines from a copy bandwidth and a matmul
+rate measured in this run; (g) time to first token under the load of (a).
+
+Throughput (a)–(d) = generated tokens ÷ wall time from the first submission to the last token
+(prefill included), every request forced to exactly `--new-tokens` (EOS ignored, greedy).
+Batch-1 decode = (tokens − 1) ÷ (time after the first token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+_TOPICS = ("a lighthouse keeper", "the first snow of winter", "a lost robot", "a busy market", "an old map",
+           "a river journey", "a chess tournament", "a bakery at dawn", "a mountain rescue", "a secret garden",
+           "a night train", "a tiny dragon", "the last library", "a desert well", "a jazz musician",
+           "a forgotten key", "a solar eclipse", "a ship in a bottle", "a village festival", "a talking cat",
+           "an abandoned station", "a violin maker", "a storm at sea", "a clockwork bird", "a city at night",
+           "a beekeeper", "a paper boat", "a broken compass", "a glass house", "a winter orchard",
+           "an astronaut's letter", "a lantern parade")
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    requests: int = 32
+    adapters: int = 16
+    new_tokens: int = 128
+    adapter_len: int = 10
+    adapter_layers: int = 28
+    peft_batches: int = 2        # adapter batches PEFT runs (each is the same work; the rate is per batch)
+    copy_mib: int = 256
+    matmul_n: int = 2048
+
+
+QUICK = BenchSizes(requests=4, adapters=2, new_tokens=8, adapter_len=4, adapter_layers=2, peft_batches=2,
+                   copy_mib=16, matmul_n=256)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmark the engine against transformers/PEFT and the rooflines",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default', an HF directory (peers need one), or any load_model spec")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
+    p.add_argument("--requests", type=int, help="concurrent requests (default 32)")
+    p.add_argument("--adapters", type=int, help="distinct adapters over the requests (default 16)")
+    p.add_argument("--new-tokens", type=int, help="generated tokens per request (default 128)")
+    p.add_argument("--peft-batches", type=int,
+                   help="how many of the per-adapter batches PEFT runs (default 2; all = the full work)")
+    p.add_argument("--no-peers", action="store_true", help="skip transformers and PEFT (c, d, e-peer)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from model.loading import load_model  # noqa: PLC0415
+
+    sizes = QUICK if args.quick else BenchSizes()
+    overrides = {k: v for k, v in (("requests", args.requests), ("adapters", args.adapters),
+                                   ("new_tokens", args.new_tokens), ("peft_batches", args.peft_batches))
+                 if v is not None}
+    sizes = BenchSizes(**{**asdict(sizes), **overrides})
+    if min(sizes.requests, sizes.adapters, sizes.new_tokens, sizes.peft_batches) < 1:
+        raise ValueError("--requests, --adapters, --new-tokens and --peft-batches must be ≥ 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    peers = not args.no_peers
+    if peers and not (Path(loaded.path) / "config.json").is_file():
+        raise ValueError(f"{loaded.path}: transformers/PEFT peers need an HF model directory (or pass --no-peers)")
+    report = measure(loaded, sizes, peers)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+# ---- the measurements ----------------------------------------------------------------------------
+
+def measure(loaded, sizes: BenchSizes, peers: bool) -> dict:
+    from adapters.format import metadata_for  # noqa: PLC0415
+    from adapters.importers import adapter_file_bytes, export_peft  # noqa: PLC0415
+    from adapters.registry import AdapterRegistry  # noqa: PLC0415
+    from adapters.store import AdapterStore  # noqa: PLC0415
+
+    model, cfg = loaded.model, loaded.config
+    prompts = [loaded.tokenizer.encode_chat([{"role": "user", "content": f"Write a short story about "
+                                              f"{_TOPICS[i % len(_TOPICS)]} (number {i})."}])
+               for i in range(sizes.requests)]
+    adapters = random_adapters(model, sizes)
+    machine = {"copy_gb_s": copy_bandwidth(sizes.copy_mib), "matmul_gflop_s": matmul_rate(sizes.matmul_n),
+               "threads": torch.get_num_threads()}
+    mean_context = statistics.mean(map(len, prompts)) + sizes.new_tokens / 2
+    roof = rooflines(model, machine, mean_context)
+    out: dict = {"model": loaded.name, "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+                 "device": str(model.tok_embeddings.weight.device), "sizes": asdict(sizes),
+                 "adapter_layers": len(adapters[0].layers), "prompt_tokens_mean": statistics.mean(map(len, prompts)),
+                 "machine": machine, "roofline": roof}
+    with tempfile.TemporaryDirectory(prefix="adapter-server-bench-") as tmp:
+        registry = AdapterRegistry(AdapterStore(Path(tmp) / "store"), model, loaded.fingerprint)
+        refs = []
+        for i, w in enumerate(adapters):
+            meta = metadata_for(w, model, "uploaded", fingerprint=loaded.fingerprint)
+            refs.append(registry.upload(f"bench{i}", adapter_file_bytes(w, meta)).ref)
+        per_request = [refs[i % len(refs)] for i in range(sizes.requests)]
+        engine_run(loaded, registry, prompts[:2], per_request[:2], 4)     # warm-up
+        a = engine_run(loaded, registry, prompts, per_request, sizes.new_tokens)
+        b = engine_run(loaded, registry, prompts, [None] * sizes.requests, sizes.new_tokens)
+        e = engine_run(loaded, registry, prompts[:1], [None], sizes.new_tokens)
+        out["engine"] = {"adapters_tok_s": a["tok_s"], "base_tok_s": b["tok_s"],
+                         "batch1_decode_tok_s": e["decode_tok_s"],
+                         "ttft_p50_s": a["ttft_p50_s"], "ttft_p95_s": a["ttft_p95_s"],
+                         "base_ttft_p50_s": b["ttft_p50_s"], "base_ttft_p95_s": b["ttft_p95_s"]}
+        if peers:
+            peft_dirs = []
+            for i, w in enumerate(adapters):
+                meta = metadata_for(w, model, "uploaded", fingerprint=loaded.fingerprint)
+                peft_dirs.append(export_peft(w, meta, Path(tmp) / "peft" / f"bench{i}"))
+            out["transformers"] = transformers_runs(Path(loaded.path), prompts, peft_dirs, sizes)
+    out["ratios"] = ratios(out)
+    return out
+
+
+def random_adapters(model, sizes: BenchSizes):
+    from model.adapter import AdapterWeights  # noqa: PLC0415
+
+    cfg = model.config
+    n_layers = min(sizes.adapter_layers, cfg.n_layers)
+    layers = list(range(cfg.n_layers - n_layers, cfg.n_layers))    # the top layers, as PEFT adapts
+    g = torch.Generator().manual_seed(0)
+    return [AdapterWeights(layers, torch.randn(n_layers, sizes.adapter_len, cfg.dim, generator=g) * 0.02,
+                           torch.rand(n_layers, 1, generator=g) * 0.2) for _ in range(sizes.adapters)]
+
+
+def engine_run(loaded, registry, prompts, adapter_refs, new_tokens) -> dict:
+    from .engine import Engine  # noqa: PLC0415
+    from .types import EngineConfig, GenerationRequest, SamplingParams  # noqa: PLC0415
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    config = EngineConfig(max_batch=len(prompts), max_queue=len(prompts),
+                          max_tokens_per_step=max(512, len(prompts)),
+                          max_seq_len=max(map(len, prompts)) + new_tokens)
+    engine = Engine(loaded, registry, config).start()
+    try:
+        t0 = time.perf_counter()
+        handles = [engine.submit(GenerationRequest(p, params, adapter=ref)) for p, ref in zip(prompts, adapter_refs)]
+        results = [h.wait() for h in handles]
+        wall = time.perf_counter() - t0
+    finally:
+        engine.shutdown(graceful=False)
+    ttfts = sorted(r.ttft_s for r in results)
+    decode_s = [r.latency_s - r.ttft_s for r in results]
+    return {"tok_s": sum(r.generated_tokens for r in results) / wall,
+            "decode_tok_s": (new_tokens - 1) / max(decode_s) if new_tokens > 1 else float("nan"),
+            "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95)}
+
+
+def transformers_runs(path: Path, prompts, peft_dirs, sizes: BenchSizes) -> dict:
+    import transformers  # noqa: PLC0415 (dev dependencies, imported only for the bench)
+    from peft import PeftModel  # noqa: PLC0415
+
+    transformers.logging.set_verbosity_error()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    n = sizes.new_tokens
+    hf_generate(hf, prompts[:2], 4)     # warm-up
+    start = time.perf_counter()
+    hf_generate(hf, prompts, n)
+    homogeneous = len(prompts) * n / (time.perf_counter() - start)
+    t1 = timed(lambda: hf_generate(hf, prompts[:1], 1))
+    tn = timed(lambda: hf_generate(hf, prompts[:1], n))
+    batch1 = (n - 1) / (tn - t1) if n > 1 else float("nan")
+
+    peft = PeftModel.from_pretrained(hf, str(peft_dirs[0]), adapter_name="bench0").eval()
+    for i, d in enumerate(peft_dirs[1:], 1):
+        peft.load_adapter(str(d), adapter_name=f"bench{i}")
+    groups = [[p for j, p in enumerate(prompts) if j % len(peft_dirs) == i] for i in range(len(peft_dirs))]
+    measured = groups[:sizes.peft_batches]
+    peft.set_adapter("bench0")
+    hf_generate(peft, measured[0][:1], 2)     # warm-up
+    start = time.perf_counter()
+    for i, group in enumerate(measured):
+        peft.set_adapter(f"bench{i}")
+        hf_generate(peft, group, n)
+    peft_rate = sum(len(g) for g in measured) * n / (time.perf_counter() - start)
+    return {"homogeneous_batch_tok_s": homogeneous, "batch1_decode_tok_s": batch1,
+            "peft_per_adapter_batches_tok_s": peft_rate, "peft_batches_measured": len(measured),
+            "peft_batches_total": len(groups)}
+
+
+def hf_generate(model, prompts, new_tokens):
+    """One left-padded batch, greedy, exactly `new_tokens` each (EOS suppressed like ignore_eos)."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(mib: int, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy, counting bytes read + written (the STREAM 'copy' convention)."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def matmul_rate(n: int, repeats: int = 5) -> float:
+    """GFLOP/s of an n×n×n float32 matrix product (the machine's practical peak)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def rooflines(model, machine: dict, mean_context: float) -> dict:
+    """Batch-1 decode reads every weight once per token; batched decode is bound by FLOPs."""
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())   # tied head counted once
+    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * mean_context
+    flops_per_token = 2 * linear_params + attention_flops
+    return {"weight_bytes": weight_bytes, "flops_per_token": flops_per_token,
+            "bandwidth_batch1_tok_s": machine["copy_gb_s"] * 1e9 / weight_bytes,
+            "compute_tok_s": machine["matmul_gflop_s"] * 1e9 / flops_per_token}
+
+
+def percentile(sorted_values, q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = (len(sorted_values) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def ratios(r: dict) -> dict:
+    e, roof = r["engine"], r["roofline"]
+    out = {"a_over_b": e["adapters_tok_s"] / e["base_tok_s"],
+           "a_over_compute_roofline": e["adapters_tok_s"] / roof["compute_tok_s"],
+           "e_over_bandwidth_roofline": e["batch1_decode_tok_s"] / roof["bandwidth_batch1_tok_s"]}
+    if "transformers" in r:
+        t = r["transformers"]
+        out.update(a_over_c=e["adapters_tok_s"] / t["peft_per_adapter_batches_tok_s"],
+                   a_over_d=e["adapters_tok_s"] / t["homogeneous_batch_tok_s"],
+                   e_over_transformers_batch1=e["batch1_decode_tok_s"] / t["batch1_decode_tok_s"])
+    return out
+
+
+GOALS = {"a_over_c": 10.0, "a_over_d": 1.0, "a_over_b": 0.90, "a_over_compute_roofline": 0.75,
+         "e_over_bandwidth_roofline": 0.8, "e_over_transformers_batch1": 1.0}
+
+
+def format_table(r: dict) -> str:
+    s, e, roof, m, q = r["sizes"], r["engine"], r["roofline"], r["machine"], r["ratios"]
+    t = r.get("transformers")
+
+    def ratio(key, label):
+        if key not in q:
+            return ""
+        ok = "ok" if q[key] >= GOALS[key] else "BELOW GOAL"
+        return f"{label} = {q[key]:.2f} (goal ≥ {GOALS[key]:g}: {ok})"
+
+    def rate(x):
+        return f"{x:9.1f}" if x is not None else "        –"
+
+    rows = [
+        (f"(a) engine: {s['requests']} requests over {s['adapters']} adapters", e["adapters_tok_s"], ""),
+        ("(b) engine: the same requests, base model", e["base_tok_s"], ratio("a_over_b", "(a)/(b)")),
+        (f"(c) transformers+PEFT, one batch per adapter ({t['peft_batches_measured']} of "
+         f"{t['peft_batches_total']} batches run)" if t else "(c) transformers+PEFT (skipped)",
+         t and t["peft_per_adapter_batches_tok_s"], ratio("a_over_c", "(a)/(c)")),
+        (f"(d) transformers, one homogeneous batch of {s['requests']}" if t else "(d) transformers (skipped)",
+         t and t["homogeneous_batch_tok_s"], ratio("a_over_d", "(a)/(d)")),
+        ("(e) engine batch-1 decode", e["batch1_decode_tok_s"],
+         ratio("e_over_bandwidth_roofline", "(e)/bandwidth roofline")),
+        ("    transformers batch-1 decode" if t else "    transformers batch-1 (skipped)",
+         t and t["batch1_decode_tok_s"], ratio("e_over_transformers_batch1", "(e)/transformers")),
+        (f"(f) bandwidth roofline, batch 1: {roof['weight_bytes'] / 1e6:.0f} MB ÷ {m['copy_gb_s']:.1f} GB/s",
+         roof["bandwidth_batch1_tok_s"], ""),
+        (f"    compute roofline: {roof['flops_per_token'] / 1e9:.3f} GFLOP/token ÷ {m['matmul_gflop_s']:.1f} GFLOP/s",
+         roof["compute_tok_s"], ratio("a_over_compute_roofline", "(a)/compute roofline")),
+    ]
+    lines = [f"adapter-server bench: {r['model']} ({r['dtype']}, {r['device']}, {m['threads']} threads); "
+             f"{s['requests']} requests × {s['new_tokens']} new tokens, prompts ≈ {r['prompt_tokens_mean']:.0f} tokens, "
+             f"{s['adapters']} adapters (K={s['adapter_len']}, {r['adapter_layers']} layers)",
+             f"{'':70s} {'tok/s':>9s}"]
+    lines += [f"{label:70s} {rate(value)}   {note}".rstrip() for label, value, note in rows]
+    lines.append(f"(g) TTFT under the load of (a): p50 {e['ttft_p50_s']:.2f} s, p95 {e['ttft_p95_s']:.2f} s "
+                 f"(base: p50 {e['base_ttft_p50_s']:.2f} s, p95 {e['base_ttft_p95_s']:.2f} s)")
+    lines.append("throughput = generated tokens ÷ wall time incl. prefill; copy bandwidth counts bytes read + written")
+    return "\n".join(lines)
