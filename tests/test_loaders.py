@@ -117,15 +117,17 @@ def tokens():
     return torch.randint(0, 300, (2, 12))
 
 
-@pytest.mark.parametrize("variant", ["plain", "tied", "llama3_rope"])
+@pytest.mark.parametrize("variant", ["plain", "tied", "llama3_rope", "sharded"])
 def test_matches_transformers_llama(tmp_path, tiny_config_factory, tokens, variant):
     overrides = {"tied": {"tie_embeddings": True},
                  "llama3_rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 8}},
-                 "plain": {}}[variant]
+                 "plain": {}, "sharded": {}}[variant]
     hf = _hf_llama(tiny_config_factory(**overrides))
-    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf.save_pretrained(tmp_path, safe_serialization=True,
+                       max_shard_size="100KB" if variant == "sharded" else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (variant == "sharded")
     ours = build_model(read_checkpoint(tmp_path))
     assert ours.config == ModelConfig.from_hf_config(json.loads((tmp_path / "config.json").read_text()))
     expected = hf(tokens).logits

@@ -51,7 +51,7 @@ def detect_format(path: Path) -> str:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    # Imported here: `gguf` is slow to import and the CLI should start fast.
+    # Imported here: the format modules import `Checkpoint` from this package.
     from . import gguf, hf, meta  # noqa: PLC0415
 
     path = Path(path).expanduser()
