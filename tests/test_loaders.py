@@ -75,8 +75,9 @@ def write_meta(path, model, n_shards: int = 1) -> None:
         torch.save(shard, path / f"consolidated.{i:02d}.pth")
 
 
-def write_gguf(path, model, quantize: tuple[str, ...] = (), tokenizer_meta=None) -> None:
-    """A llama GGUF with interleaved q/k rows; tensors whose name contains a `quantize` part are Q8_0."""
+def write_gguf(path, model, types: dict[str, str] | None = None, tokenizer_meta=None) -> None:
+    """A llama GGUF with interleaved q/k rows. `types` maps parts of GGUF tensor names to "Q8_0" or
+    "F16"; the rest is F32."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.n_layers)
@@ -95,11 +96,12 @@ def write_gguf(path, model, quantize: tuple[str, ...] = (), tokenizer_meta=None)
             continue
         arr = _to_interleaved(name, t, cfg).numpy().astype(np.float32)
         gname = _gguf_name(name)
-        if any(q in gname for q in quantize):
+        kind = next((t for part, t in (types or {}).items() if part in gname), "F32")
+        if kind == "Q8_0":
             w.add_tensor(gname, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
-            w.add_tensor(gname, arr)
+            w.add_tensor(gname, arr.astype(np.float16) if kind == "F16" else arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -157,13 +159,16 @@ def test_three_formats_load_to_identical_logits(tmp_path, make_tiny_model, token
 
 def test_gguf_tied_and_quantized(tmp_path, make_tiny_model, tokens):
     reference = make_tiny_model(seed=4, tie_embeddings=True)
-    write_gguf(tmp_path / "q.gguf", reference, quantize=("ffn_gate", "ffn_up", "ffn_down", "attn_q"))
+    types = {"ffn_gate": "Q8_0", "ffn_up": "Q8_0", "ffn_down": "Q8_0", "attn_q": "Q8_0",
+             "attn_k": "F16", "token_embd": "F16"}
+    write_gguf(tmp_path / "q.gguf", reference, types)
     model = build_model(read_checkpoint(tmp_path / "q.gguf"))
     assert model.config.tie_embeddings and model.output.weight is model.tok_embeddings.weight
-    # Quantized tensors come back as Q8_0 dequantizes them: same shape and layout, small error.
+    # Q8_0/F16 tensors come back dequantized in the right shape and layout, with a small error.
     for name, p in model.state_dict().items():
         ref = reference.state_dict()[name]
-        if "feed_forward" in name or "attention.wq" in name:
+        if any(part in name for part in ("feed_forward", "attention.wq", "attention.wk", "tok_embeddings",
+                                         "output")):   # output is tied to the F16 embedding
             assert 0 < (p - ref).abs().max() < 0.02 * ref.abs().max(), name
         else:
             assert torch.equal(p, ref), name
