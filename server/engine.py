@@ -159,7 +159,7 @@ class Engine:
         self.cache = KVCache.for_model(self.model, self.config.max_batch, self.max_seq_len)
         self.scheduler = Scheduler(self.config.max_batch, self.config.max_tokens_per_step,
                                    self.config.max_queue)
-        self.eos_ids = frozenset(getattr(self.tokenizer, "stop_ids", ()) or ())
+        self.eos_ids = frozenset(self.tokenizer.stop_ids)
         self._decode_model = (torch.compile(self.model, dynamic=True) if self.config.compile
                               else self.model)
         self._lock = threading.Lock()
