@@ -85,3 +85,6 @@ def write_checkpoint(out_dir: Path, config: ModelConfig, state: dict[str, torch.
     tensors = {ours_to_hf(name): t.contiguous() for name, t in state.items()
                if not (config.tie_embeddings and name == "output.weight")}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes through a private (0600) temp file; a shared cache (e.g. a Docker image
+    # built as root, run as a user) must stay readable.
+    (out_dir / "model.safetensors").chmod(0o644)
