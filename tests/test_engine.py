@@ -16,6 +16,7 @@ from model.fingerprint import base_fingerprint
 from model.llama import Transformer
 from model.loading import LoadedModel
 from server.engine import Engine
+from server.scheduler import Scheduler, Sequence
 from server.types import (EngineConfig, EngineOverloadedError, GenerationRequest,
                           InvalidRequestError, SamplingParams)
 from test_detokenize import byte_bpe_tokenizer
@@ -289,6 +290,31 @@ def test_async_streaming_generate_and_shutdown(loaded):
     asyncio.run(main())
     with pytest.raises(RuntimeError, match="shutting down"):
         engine.submit(GenerationRequest([5], greedy(1)))
+
+
+
+def test_scheduler_budget_chunks_and_compact_slots():
+    sched = Scheduler(max_batch=3, max_tokens_per_step=10, max_queue=2)
+    seqs = [Sequence(list(range(n)), n) for n in (4, 25, 3, 2)]
+    sched.add(seqs[0])
+    sched.add(seqs[1])
+    with pytest.raises(EngineOverloadedError):
+        sched.add(seqs[2])
+    sched.admit()
+    sched.add(seqs[2])
+    sched.add(seqs[3])
+    sched.admit()                                   # only one slot left: seqs[3] keeps waiting
+    assert [s.slot for s in seqs] == [0, 1, 2, -1]
+    plan = sched.plan()
+    # The oldest prompt sets the chunk (4); others join while rows × chunk ≤ 10.
+    assert plan.decode == [] and [(s.slot, n) for s, n in plan.prefill] == [(0, 4), (1, 4)]
+    seqs[0].n_cached, seqs[1].n_cached = 4, 4
+    plan = sched.plan()
+    assert plan.decode == [seqs[0]] and [(s.slot, n) for s, n in plan.prefill] == [(1, 9)]
+    move = sched.remove(seqs[0])                    # the last slot's sequence fills the hole
+    assert (move.seq, move.src, move.dst) == (seqs[2], 2, 0) and seqs[2].slot == 0
+    assert [s.slot for s in sched.running] == [0, 1] and sched.admit() == [seqs[3]] and seqs[3].slot == 2
+    assert sched.remove(seqs[3]) is None and sched.free_slots == 1
 
 
 def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
