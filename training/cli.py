@@ -99,10 +99,9 @@ def run(args: argparse.Namespace) -> int:
         pad_id = loaded.tokenizer.eos_id if loaded.tokenizer.eos_id is not None else 0
         started = time.perf_counter()
         result = train(cfg, loaded.model, data, ctx, pad_id, checkpoint_dir, resume=args.resume is not None)
-        if ctx.is_main:
+        if ctx.is_main:   # the other ranks are done: nothing after training needs them
             _publish(args, cfg, loaded, data, result, ctx.world_size, checkpoint_dir,
                      time.perf_counter() - started)
-        ctx.barrier()   # ranks leave together: none tears down the group under rank 0's writes
     finally:
         ctx.close()
     return 0

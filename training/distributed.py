@@ -41,10 +41,6 @@ class DistContext:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

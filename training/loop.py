@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from model.adapter import AdapterWeights
+from model.fingerprint import base_fingerprint
 
 from . import checkpoint
 from .config import TrainConfig
@@ -93,7 +94,8 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
-    run_key = {"data_sha256": data.sha256, "effective_batch": eff, "total_steps": sched.total_steps,
+    run_key = {"data_sha256": data.sha256, "base_fingerprint": base_fingerprint(base),
+               "effective_batch": eff, "total_steps": sched.total_steps,
                "config": {k: v for k, v in cfg.to_dict().items()
                           if k not in ("eval_every", "checkpoint_every", "model")}}
     step, history = 0, []
