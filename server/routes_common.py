@@ -204,3 +204,38 @@ class EngineEventStream(StreamingResponse):
             await self._body.aclose()
             if self._on_close is not None:
                 self._on_close()
+
+
+async def start_counted(ctx: ServerContext, endpoint: str, requested: str | None, make_call: Callable[[str | None], Any]):
+    """Resolve the adapter, build the route's call and submit it → (call, handle, metrics label).
+
+    A refusal (unknown adapter, bad parameter, overload) is counted in the metrics and re-raised.
+    """
+    label = request_label(requested)
+    try:
+        adapter_ref = await resolve_adapter(ctx, requested)
+        label = adapter_label(adapter_ref)
+        call = make_call(adapter_ref)
+        return call, call.submit(), label
+    except ApiError as e:
+        ctx.metrics.observe_request(endpoint, e.status, label)
+        raise
+
+
+async def counted_answer(request: Request, ctx: ServerContext, endpoint: str, label: str, handle,
+                         respond: Callable[[GenerationResult], BaseModel]) -> BaseModel:
+    """Wait for a non-streamed result and shape it with `respond`; every outcome is counted once."""
+    try:
+        try:
+            result = await result_unless_disconnected(request, handle)
+        except EngineError as e:
+            raise engine_error(e, ctx.settings) from None
+        answer = respond(result)
+    except ApiError as e:
+        ctx.metrics.observe_request(endpoint, e.status, label)
+        raise
+    except ClientDisconnected:
+        ctx.metrics.observe_request(endpoint, 499, label)
+        raise
+    ctx.metrics.observe_request(endpoint, 200, label)
+    return answer

@@ -13,11 +13,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from model.chat_template import ChatTemplateError
-from server.metrics import adapter_label
-from server.routes_common import (ApiError, ClientDisconnected, EngineEventStream, ServerContext,
-                                  encode_prompt, engine_error, finite_logprob, get_ctx, request_label,
-                                  resolve_adapter, resolve_max_new_tokens, result_unless_disconnected,
-                                  sse, submit)
+from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
+                                  encode_prompt, engine_error, finite_logprob, get_ctx,
+                                  resolve_max_new_tokens, sse, start_counted, submit)
 from server.schemas_openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs,
                                    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -215,26 +213,11 @@ def _dump(model) -> str:
 
 async def _complete(request: Request, ctx: ServerContext, body, endpoint: str):
     requested = None if body.model == ctx.model_id else body.model
-    label = request_label(requested)
-    try:
-        adapter_ref = await resolve_adapter(ctx, requested)
-        label = adapter_label(adapter_ref)
-        call = _Call(ctx, body, adapter_ref)
-        handle = call.submit()
-        if body.stream:
-            return _stream(ctx, call, handle, endpoint, label)
-        try:
-            result = await result_unless_disconnected(request, handle)
-        except EngineError as e:
-            raise engine_error(e, ctx.settings) from None
-        answer = call.response(result)
-    except ApiError as e:
-        ctx.metrics.observe_request(endpoint, e.status, label)
-        raise
-    except ClientDisconnected:
-        ctx.metrics.observe_request(endpoint, 499, label)
-        raise
-    ctx.metrics.observe_request(endpoint, 200, label)
+    call, handle, label = await start_counted(ctx, endpoint, requested,
+                                              lambda adapter_ref: _Call(ctx, body, adapter_ref))
+    if body.stream:
+        return _stream(ctx, call, handle, endpoint, label)
+    answer = await counted_answer(request, ctx, endpoint, label, handle, call.response)
     return JSONResponse(answer.model_dump(mode="json", exclude_none=False))
 
 

@@ -8,11 +8,9 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from server.metrics import adapter_label
-from server.routes_common import (ApiError, ClientDisconnected, EngineEventStream, ServerContext,
+from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
                                   encode_prompt, engine_error, finite_logprob, get_ctx, request_label,
-                                  resolve_adapter, resolve_max_new_tokens, result_unless_disconnected,
-                                  sse, submit)
+                                  resolve_max_new_tokens, sse, start_counted, submit)
 from server.schemas_tgi import (AlternativeToken, Details, GenerateResponse, InputToken, StreamDetails,
                                 StreamResponse, TGIError, TGIParameters, TGIRequest, Token)
 from server.types import EngineError, GenerationResult, InvalidRequestError, SamplingParams, TokenEvent
@@ -146,34 +144,18 @@ class _Call:
 
 
 async def _start(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[_Call, object, str]:
-    """Resolve, translate and submit; a refusal is counted and raised as ApiError."""
-    label = request_label(body.adapter_id if body.adapter_id is not None else body.parameters.adapter_id)
     try:
-        adapter_ref = await resolve_adapter(ctx, _requested_adapter(body))
-        label = adapter_label(adapter_ref)
-        call = _Call(ctx, body, adapter_ref)
-        return call, call.submit(), label
+        requested = _requested_adapter(body)
     except ApiError as e:
-        ctx.metrics.observe_request(endpoint, e.status, label)
+        ctx.metrics.observe_request(endpoint, e.status, request_label(body.adapter_id))
         raise
+    return await start_counted(ctx, endpoint, requested, lambda adapter_ref: _Call(ctx, body, adapter_ref))
 
 
 async def _generate(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str,
                     as_list: bool) -> JSONResponse:
     call, handle, label = await _start(ctx, body, endpoint)
-    try:
-        try:
-            result = await result_unless_disconnected(request, handle)
-        except EngineError as e:
-            raise engine_error(e, ctx.settings) from None
-        answer = call.response(result)
-    except ApiError as e:
-        ctx.metrics.observe_request(endpoint, e.status, label)
-        raise
-    except ClientDisconnected:
-        ctx.metrics.observe_request(endpoint, 499, label)
-        raise
-    ctx.metrics.observe_request(endpoint, 200, label)
+    answer = await counted_answer(request, ctx, endpoint, label, handle, call.response)
     content = answer.model_dump(mode="json")
     return JSONResponse([content] if as_list else content)
 
