@@ -139,7 +139,8 @@ class EngineConfig:
     max_queue: int = 256                # waiting requests beyond the running batch
     device: str | None = None           # None = the loaded model's device; must match it if given
     dtype: str | None = None            # "float32" | "bfloat16" | "float16"; None = the model's
-    compile: bool = False               # torch.compile the decode forward (CUDA)
+    compile: bool = False               # torch.compile the decode forward: for CUDA (on CPU, inductor
+                                        # ran the default model's decode ~2× slower than eager)
 
     def validate(self) -> None:
         for name in ("max_batch", "max_seq_len", "max_tokens_per_step", "max_queue"):

@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,41 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
                                      "e_over_bandwidth_roofline", "e_over_transformers_batch1"}
     table = format_table(report)
     assert all(f"({row})" in table for row in "abcdefg")
+
+
+def test_generate_cli_json_with_and_without_adapter(tiny_model_dir, tmp_path, capsys):
+    from model.loading import load_model
+    from server.cli import main
+
+    loaded = load_model(tiny_model_dir)
+    weights = random_adapter(loaded.model, 11)
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, weights, metadata_for(weights, loaded.model, "uploaded", fingerprint=loaded.fingerprint))
+    base_args = ["generate", "--model", str(tiny_model_dir), "--prompt", "Hello fox", "--max-new-tokens", "6",
+                 "--temperature", "0", "--json"]
+    outputs = []
+    for adapter in (None, weights):
+        assert main(base_args + (["--adapter", str(path)] if adapter else [])) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["prompt_token_ids"] == loaded.tokenizer.encode("Hello fox")
+        ref_tokens, ref_logprobs = reference_greedy(loaded.model, out["prompt_token_ids"], adapter, 6)
+        n = len(out["token_ids"])
+        assert out["token_ids"] == ref_tokens[:n] and (n == 6 or out["token_ids"][-1] in loaded.tokenizer.stop_ids)
+        assert out["logprobs"] == pytest.approx(ref_logprobs[:n], abs=1e-4)
+        assert out["text"] == loaded.tokenizer.decode(out["token_ids"])
+        outputs.append(out["token_ids"])
+    assert outputs[0] != outputs[1]
+    assert main(base_args[:-1] + ["--chat"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_generate_cli_rejects_an_adapter_for_another_model(tiny_model_dir, tmp_path, capsys):
+    from server.cli import main
+
+    other = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, ffn_dim=64))
+    weights = random_adapter(other, 12, layers=(0, 1))
+    path = tmp_path / "other.safetensors"
+    save_adapter(path, weights, metadata_for(weights, other, "uploaded"))
+    code = main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--adapter", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "dim=32" in err and len(err.strip().splitlines()) == 1
