@@ -134,7 +134,7 @@ def _publish(args, cfg: TrainConfig, loaded, data, result, world_size: int, chec
     plot_path = (args.out.with_suffix(".loss.png") if args.out is not None
                  else checkpoint_dir / "loss.png")
     plot_path.parent.mkdir(parents=True, exist_ok=True)
-    plot_losses(result.history, plot_path, f"{loaded.name} · {args.data.name} · {summary}")
+    plot_losses(result.history, plot_path, f"{loaded.name} · {args.data.name}\n{summary}")
     print(summary)
     print(f"loss curve: {plot_path}")
     if args.out is not None:

@@ -18,16 +18,19 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 class TrainConfig:
     model: str = "default"
     # Adapter shape. The paper's 7B numbers (K=10, L=30 of 32) live in recipes/; on the 30-layer
-    # default model the top 15 layers learn the demo task as well as more layers do, at about
-    # 60% of the step time (layers below the first adapted one run without autograd).
+    # default model the top 15 layers learned the demo task as well as all 30 did (90% held-out
+    # exact match each) at about half the step time (the layers below run once, without autograd).
     adapter_len: int = 10
     adapter_layers: int = 15
     gate_kind: str = "per_head"          # "per_head" (paper) or "scalar" (PEFT)
     prompt_init_std: float = 0.02
     # Optimisation (paper: AdamW betas (0.9, 0.95), wd 0.02, lr = blr * eff_batch / 256).
-    epochs: float = 4.0
+    epochs: float = 6.0
     max_steps: int | None = None         # overrides epochs: the schedule spans exactly this many steps
-    blr: float = 9e-3
+    # The paper's blr (9e-3, in recipes/) is for ~8K steps; a few-hundred-step run needs a larger
+    # one: 0.64 gives lr 2e-2 at effective batch 8, which on the demo task reached a lower eval
+    # loss than 5e-3 and 1e-2 in the same number of steps.
+    blr: float = 0.64
     lr: float | None = None              # absolute lr; None = blr * effective batch / 256
     min_lr: float = 0.0
     warmup_epochs: float = 0.5

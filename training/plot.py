@@ -27,7 +27,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", lw=1.6, ms=4, label="eval (held out)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (token mean)")
+    ax.set_ylabel("loss (token mean, log scale)")
+    ax.set_yscale("log")   # the late, small improvements are the interesting part
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
