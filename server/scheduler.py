@@ -83,18 +83,23 @@ class Scheduler:
     def plan(self) -> StepPlan:
         decode = [s for s in self.running if not s.in_prefill]
         budget = self.max_tokens_per_step - len(decode)
-        prefill: list[tuple[Sequence, int]] = []
-        # Prefill rows share one padded forward: the first (oldest) sets the chunk length and
-        # the others join while rows × chunk length stays within the budget.
-        chunk = 0
-        for seq in sorted((s for s in self.running if s.in_prefill), key=lambda s: s.order):
-            remaining = seq.n_prompt - seq.n_cached
-            if not prefill:
-                chunk = min(remaining, budget)
-            elif (len(prefill) + 1) * chunk > budget:
+        # Prefill rows share one forward padded to a common chunk width, so rows × width must
+        # fit the budget. Take the oldest k prompts and the width that completes the most
+        # prompts (their first token comes next), then moves the most real prompt tokens; a
+        # short leftover must not shrink everyone's chunk to its size.
+        queue = sorted((s for s in self.running if s.in_prefill), key=lambda s: s.order)
+        remaining = [s.n_prompt - s.n_cached for s in queue]
+        best, best_k, best_width, longest = (0, 0), 0, 0, 0
+        for k in range(1, len(queue) + 1):
+            longest = max(longest, remaining[k - 1])
+            width = min(longest, budget // k)
+            if width == 0:
                 break
-            prefill.append((seq, min(remaining, chunk)))
-        prefill.sort(key=lambda p: p[0].slot)
+            score = (sum(r <= width for r in remaining[:k]), sum(min(r, width) for r in remaining[:k]))
+            if score > best:
+                best, best_k, best_width = score, k, width
+        prefill = sorted(((s, min(r, best_width)) for s, r in zip(queue[:best_k], remaining)),
+                         key=lambda p: p[0].slot)
         return StepPlan(decode, prefill)
 
     def remove(self, seq: Sequence) -> SlotMove | None:

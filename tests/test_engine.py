@@ -307,15 +307,27 @@ def test_scheduler_budget_chunks_and_compact_slots():
     sched.admit()                                   # only one slot left: seqs[3] keeps waiting
     assert [s.slot for s in seqs] == [0, 1, 2, -1]
     plan = sched.plan()
-    # The oldest prompt sets the chunk (4); others join while rows × chunk ≤ 10.
-    assert plan.decode == [] and [(s.slot, n) for s, n in plan.prefill] == [(0, 4), (1, 4)]
-    seqs[0].n_cached, seqs[1].n_cached = 4, 4
+    # Rows × chunk width ≤ 10; most prompts completed, then most real tokens: 3 rows of
+    # width 3 complete one prompt (seqs[2]) with 9 tokens, like 1 row of 4 (4 tokens) and
+    # 2 rows of width 5 (4 + 5 tokens, completes seqs[0]) — the latter wins on tokens.
+    assert plan.decode == [] and [(s.slot, n) for s, n in plan.prefill] == [(0, 4), (1, 5)]
+    seqs[0].n_cached, seqs[1].n_cached = 4, 5
     plan = sched.plan()
-    assert plan.decode == [seqs[0]] and [(s.slot, n) for s, n in plan.prefill] == [(1, 9)]
+    # Width 4 completes seqs[2]'s prompt (its first token comes next step); width 9 would not.
+    assert plan.decode == [seqs[0]] and [(s.slot, n) for s, n in plan.prefill] == [(1, 4), (2, 3)]
+    seqs[1].n_cached, seqs[2].n_cached = 9, 3
     move = sched.remove(seqs[0])                    # the last slot's sequence fills the hole
     assert (move.seq, move.src, move.dst) == (seqs[2], 2, 0) and seqs[2].slot == 0
     assert [s.slot for s in sched.running] == [0, 1] and sched.admit() == [seqs[3]] and seqs[3].slot == 2
     assert sched.remove(seqs[3]) is None and sched.free_slots == 1
+    # A short leftover does not shrink the other rows' chunks to its size.
+    sched = Scheduler(max_batch=3, max_tokens_per_step=100, max_queue=3)
+    rows = [Sequence(list(range(n)), n) for n in (50, 40, 40)]
+    rows[0].n_cached = 48
+    for seq in rows:
+        sched.add(seq)
+    sched.admit()
+    assert [n for _, n in sched.plan().prefill] == [2, 40]
 
 
 def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
