@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import uuid
 from datetime import datetime
 from pathlib import Path
 
-from adapters.format import load_adapter, metadata_for, save_adapter
+from adapters.format import load_adapter, metadata_for
 from adapters.importers import (AdapterImportError, adapter_file_bytes, export_peft, import_llama_adapter,
                                 import_peft)
 from adapters.names import check_name, parse_ref
 from adapters.registry import AdapterRegistry
 from adapters.store import STORE_ENV, AdapterNotFoundError, AdapterStore, VersionInfo
-from adapters.validation import validate_adapter_file
+from adapters.validation import write_validated_adapter
 
 
 class AdapterCommandError(ValueError):
@@ -100,13 +98,7 @@ def _cmd_import(args) -> None:
                 "pick one with --peft-adapter, or store them all with --name")
         a = imported[0]
         meta = metadata_for(a.weights, loaded.model, a.source, a.extra, loaded.fingerprint)
-        tmp = args.out.with_name(f".{args.out.name}.{uuid.uuid4().hex}.part")
-        try:
-            save_adapter(tmp, a.weights, meta)
-            validate_adapter_file(tmp, loaded.model, loaded.fingerprint)
-            os.replace(tmp, args.out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_validated_adapter(args.out, a.weights, meta, loaded.model, loaded.fingerprint)
         print(f"wrote {args.out} ({a.weights.param_count()} parameters, layers "
               f"{_layer_span(a.weights.layers)}, K={a.weights.adapter_len})")
         return

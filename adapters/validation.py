@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.format import AdapterFormatError, AdapterMetadata, check_fits, load_adapter
+from adapters.format import AdapterFormatError, AdapterMetadata, check_fits, load_adapter, save_adapter
 from model.adapter import AdapterWeights
 
 # safetensors dtype tag → bytes per element; the adapter format allows only these.
@@ -176,3 +177,17 @@ def validate_adapter_file(path: str | Path, model, fingerprint: str | None = Non
     except AdapterFormatError as e:
         raise AdapterValidationError(str(e)) from None
     return weights, meta
+
+
+def write_validated_adapter(path: Path, weights: AdapterWeights, meta: AdapterMetadata, model,
+                            fingerprint: str | None) -> None:
+    """Write an adapter file, validate it as an upload would be, then rename it into place,
+    so nothing half-written or invalid ever appears at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    try:
+        save_adapter(tmp, weights, meta)
+        validate_adapter_file(tmp, model, fingerprint)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

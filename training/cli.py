@@ -117,6 +117,7 @@ def _publish(args, cfg: TrainConfig, loaded, data, result, world_size: int, chec
              seconds: float) -> None:
     from adapters.format import metadata_for  # noqa: PLC0415
     from adapters.importers import adapter_file_bytes  # noqa: PLC0415
+    from adapters.validation import write_validated_adapter  # noqa: PLC0415
 
     from . import publish  # noqa: PLC0415
     from .plot import plot_losses  # noqa: PLC0415
@@ -138,7 +139,7 @@ def _publish(args, cfg: TrainConfig, loaded, data, result, world_size: int, chec
     print(summary)
     print(f"loss curve: {plot_path}")
     if args.out is not None:
-        publish.write_file(args.out, result.weights, meta, loaded)
+        write_validated_adapter(args.out, result.weights, meta, loaded.model, loaded.fingerprint)
         print(f"adapter: {args.out} ({result.weights.param_count()} parameters)")
     if args.name:
         data_bytes = adapter_file_bytes(result.weights, meta)

@@ -1,31 +1,13 @@
-"""Where a trained adapter goes: a file, the registry store, and/or a running server."""
+"""Where a trained adapter goes besides a file: the registry store and/or a running server."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import httpx
 
-from adapters.format import AdapterMetadata
-from adapters.importers import adapter_file_bytes
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
-from adapters.validation import validate_adapter_file
-from model.adapter import AdapterWeights
-
-
-def write_file(path: Path, weights: AdapterWeights, meta: AdapterMetadata, loaded) -> None:
-    """Write, validate as the server would, then rename: nothing half-written at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-    try:
-        tmp.write_bytes(adapter_file_bytes(weights, meta))
-        validate_adapter_file(tmp, loaded.model, loaded.fingerprint)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def add_to_store(store_dir: Path | None, name: str, data: bytes, loaded) -> str:
