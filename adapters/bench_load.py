@@ -91,7 +91,7 @@ def bench_adapter_load(model, adapter_len: int = 10, adapted_layers: int | None 
             for p in kv_files:
                 p.unlink()                        # (each computed load writes it again)
             computed.append(timed_load()[0])
-    dtype = model.layers[0].attention.wk.weight.dtype
+    dtype = model.tok_embeddings.weight.dtype
     return LoadBenchResult(shape, cfg.n_layers, cfg.dim, adapter_len, n_adapted,
                            str(dtype).removeprefix("torch."), len(data), sizes[0],
                            statistics.median(cached) * 1e3, statistics.median(computed) * 1e3, repeats)

@@ -54,7 +54,7 @@ def load_prefix_kv(path: str | Path, model, adapter_sha256: str, fingerprint: st
     a file that a delete may remove, and one sequential read is the fastest path here.
     """
     cfg = model.config
-    ref = model.layers[0].attention.wk.weight
+    ref = model.tok_embeddings.weight
     try:
         data = Path(path).read_bytes()
         meta = check_adapter_bytes(data, _KV_FILE_LIMITS).metadata

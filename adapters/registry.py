@@ -63,7 +63,7 @@ class AdapterRegistry:
         self.fingerprint = fingerprint
         self.limits = limits
         self._pool = AdapterPool(pool_config)
-        weight = model.layers[0].attention.wk.weight
+        weight = model.tok_embeddings.weight
         self._kv_filename = kv_cache_filename(fingerprint, weight.dtype)
 
     # ---- serving ---------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def compute_adapter_kv(model, weights: AdapterWeights) -> AdapterKV:
     cfg = model.config
     n_layers, hkv, hd, h = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
     k_len = weights.adapter_len
-    ref = model.layers[0].attention.wk.weight
+    ref = model.tok_embeddings.weight
     prompts = weights.prompts.to(device=ref.device, dtype=ref.dtype)
     gates = weights.gates.to(device=ref.device, dtype=ref.dtype)
     keys, values, gate_rows = [], [], []
@@ -78,9 +78,9 @@ def compute_adapter_kv(model, weights: AdapterWeights) -> AdapterKV:
             values.append(zeros_kv)
             gate_rows.append(gates.new_zeros(h))
             continue
-        attn = model.layers[layer].attention
-        keys.append(attn.wk(prompts[i]).view(k_len, hkv, hd).transpose(0, 1))
-        values.append(attn.wv(prompts[i]).view(k_len, hkv, hd).transpose(0, 1))
+        k, v = model.layers[layer].attention.project_kv(prompts[i])
+        keys.append(k.reshape(k_len, hkv, hd).transpose(0, 1))
+        values.append(v.reshape(k_len, hkv, hd).transpose(0, 1))
         gate_rows.append(gates[i].expand(h))
     return AdapterKV(torch.stack(keys), torch.stack(values), torch.stack(gate_rows),
                      tuple(sorted(adapted)))

@@ -13,6 +13,8 @@ import torch
 
 def base_fingerprint(model) -> str:
     """sha256 (hex, 16 chars) over the shape-defining config and a fixed sample of weights."""
+    if model.packed_fingerprint is not None:     # packed models no longer hold dense wk/wv
+        return model.packed_fingerprint
     cfg = model.config
     h = hashlib.sha256()
     h.update(f"{cfg.dim}|{cfg.n_layers}|{cfg.n_heads}|{cfg.n_kv_heads}|{cfg.head_dim}|"

@@ -12,7 +12,9 @@ from torch import nn
 
 from .adapter import AdapterBatch, LayerAdapterInputs, adapter_attention
 from .config import ModelConfig
+from .fingerprint import base_fingerprint
 from .kv_cache import KVCache, as_slice
+from .packed_linear import PackedLinear, packing_available
 from .rope import apply_rope, rope_table
 
 
@@ -37,20 +39,42 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv: PackedLinear | None = None    # replaces wq/wk/wv once packed for CPU inference
+
+    def pack(self) -> None:
+        self.wqkv = PackedLinear([self.wq.weight, self.wk.weight, self.wv.weight])
+        self.wo = PackedLinear([self.wo.weight])
+        del self.wq, self.wk, self.wv
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.wqkv is not None:
+            return self.wqkv(x)
+        return self.wq(x), self.wk(x), self.wv(x)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen key/value projections (what LLaMA-Adapter applies to its prompts)."""
+        if self.wqkv is not None:
+            return self.wqkv(x)[1:]
+        return self.wk(x), self.wv(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_StepContext",
                 adapter: LayerAdapterInputs | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
         else:
             keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.slots, ctx.positions, k, v,
                                                     ctx.read_len)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=True)
+            # Query heads that share a KV head are folded into the query axis (ctx.mask repeats
+            # per head): one product per KV head, no expanded copy of the cached keys/values.
+            folded = q.reshape(b, self.n_kv_heads, -1, self.head_dim)
+            out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=ctx.mask)
+            out = out.view(b, self.n_heads, t, self.head_dim)
         if adapter is not None:
             out = out + adapter_attention(q, adapter)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
@@ -62,9 +86,16 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)   # gate
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)   # down
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)   # up
+        self.w13: PackedLinear | None = None     # replaces w1/w3 once packed for CPU inference
+
+    def pack(self) -> None:
+        self.w13 = PackedLinear([self.w1.weight, self.w3.weight])
+        self.w2 = PackedLinear([self.w2.weight])
+        del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -83,7 +114,8 @@ class TransformerBlock(nn.Module):
 class _StepContext:
     """Per-forward cache addressing shared by all layers (computed once, not per layer)."""
 
-    def __init__(self, cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor):
+    def __init__(self, cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor,
+                 heads_per_kv: int):
         self.cache = cache
         self.positions = positions
         self.slots: torch.Tensor | slice | None = None
@@ -95,7 +127,11 @@ class _StepContext:
             self.slots = as_slice(slots)
             self.read_len = int(positions.max()) + 1
             key_pos = torch.arange(self.read_len, device=positions.device)
-            self.mask = (key_pos[None, None, None, :] <= positions[:, None, :, None])  # [B,1,T,L]
+            visible = key_pos[None, None, None, :] <= positions[:, None, :, None]     # [B,1,T,L]
+            # Additive (SDPA's CPU kernel runs faster on it than on a bool mask), repeated for
+            # the query heads folded onto each KV head: [B, 1, heads_per_kv·T, L].
+            zeros = torch.zeros(visible.shape, dtype=cache.k.dtype, device=positions.device)
+            self.mask = zeros.masked_fill(~visible, float("-inf")).repeat(1, 1, heads_per_kv, 1)
 
 
 class Transformer(nn.Module):
@@ -112,15 +148,30 @@ class Transformer(nn.Module):
         # Explicit device: the loaders build the model under torch.device("meta").
         self.register_buffer("rope_cos", cos.to("cpu"), persistent=False)
         self.register_buffer("rope_sin", sin.to("cpu"), persistent=False)
+        self.packed_fingerprint: str | None = None   # base_fingerprint, kept when packing
 
-    def use_column_major_head(self) -> None:
-        """Store the output-head weight column-major (same values, same [V, dim] view).
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.output, PackedLinear)
 
-        CPU BLAS runs the batch-1 GEMV over the 49k×576 head ~2× faster this way and larger
-        batches equally fast; with tied embeddings the token lookup just reads strided rows.
+    def pack_for_cpu_inference(self) -> bool:
+        """Swap every linear layer for its oneDNN-prepacked form (model/packed_linear.py).
+
+        Inference only and one way: afterwards the model has no autograd through its linears and
+        no dense wq/wk/wv/w1/w3 (their packed copies replace them, so memory does not double; a
+        tied head keeps the embedding's dense copy too). Returns whether the model is packed;
+        a model that cannot be (not float32 on a oneDNN CPU) is left as it is.
         """
-        w = self.output.weight
-        w.data = w.data.t().contiguous().t()
+        if self.packed:
+            return True
+        if not packing_available(self.tok_embeddings.weight):
+            return False
+        self.packed_fingerprint = base_fingerprint(self)
+        for layer in self.layers:
+            layer.attention.pack()
+            layer.feed_forward.pack()
+        self.output = PackedLinear([self.output.weight])
+        return True
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None,
@@ -146,7 +197,7 @@ class Transformer(nn.Module):
         b, t, _ = x.shape
         if positions is None:
             positions = torch.arange(t, device=x.device).expand(b, t)
-        ctx = _StepContext(cache, slots, positions)
+        ctx = _StepContext(cache, slots, positions, self.config.n_heads // self.config.n_kv_heads)
         dtype = self.tok_embeddings.weight.dtype
         cos = self.rope_cos[positions].to(dtype).unsqueeze(1)    # [B, 1, T, D]
         sin = self.rope_sin[positions].to(dtype).unsqueeze(1)

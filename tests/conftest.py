@@ -116,6 +116,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
+    """Shared by the serving tests; an engine packs it in place (see fresh_tiny_loaded)."""
+    from model.loading import load_model
+
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture
+def fresh_tiny_loaded(tiny_model_dir):
+    """A load of its own, never packed by an engine: for training and dense-weight checks."""
     from model.loading import load_model
 
     return load_model(tiny_model_dir)

@@ -23,14 +23,18 @@ from server.types import (EngineConfig, EngineOverloadedError, GenerationRequest
 from test_detokenize import byte_bpe_tokenizer
 
 
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
+def tiny_loaded_model() -> LoadedModel:
     tok = byte_bpe_tokenizer()
     cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
                       ffn_dim=128, max_seq_len=512)
     torch.manual_seed(0)
     model = Transformer(cfg).eval().requires_grad_(False)
     return LoadedModel(model, tok, cfg, base_fingerprint(model), "tiny", Path("."))
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return tiny_loaded_model()
 
 
 def random_adapter(model, seed: int, layers=(1, 2), k_len=4, per_head=False) -> AdapterWeights:
@@ -169,17 +173,16 @@ def test_eos_and_stop_token_ids_finish(loaded):
     res = run_until_done(engine, [engine.submit(GenerationRequest(
         prompt, greedy(5, stop_token_ids=[second_token])))])[0]
     assert res.finish_reason == "stop" and res.token_ids == first.token_ids[:2]
-    # The tokenizer's EOS ends generation unless ignore_eos; here EOS is made the greedy choice.
+    # The tokenizer's EOS ends generation unless ignore_eos; here EOS is made the greedy choice
+    # in a fresh copy of the model (an engine packs its model's weights, so edit them before).
     eos = loaded.tokenizer.eos_id
+    eos_loving = tiny_loaded_model()
     with torch.no_grad():
-        saved = loaded.model.output.weight[eos].clone()
-        loaded.model.output.weight[eos] = loaded.model.output.weight[first.token_ids[1]] * 50
-    try:
-        res = run_until_done(engine, [engine.submit(GenerationRequest(
-            prompt, SamplingParams(max_new_tokens=5, temperature=0)))])[0]
-    finally:
-        with torch.no_grad():
-            loaded.model.output.weight[eos] = saved
+        head = eos_loving.model.output.weight
+        head[eos] = head[second_token] * 50
+    engine = Engine(eos_loving, None, EngineConfig(max_batch=2, max_tokens_per_step=8))
+    res = run_until_done(engine, [engine.submit(GenerationRequest(
+        prompt, SamplingParams(max_new_tokens=5, temperature=0)))])[0]
     assert res.finish_reason == "eos_token" and res.token_ids[-1] == eos
 
 

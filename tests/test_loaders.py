@@ -175,14 +175,14 @@ def test_gguf_tied_and_quantized(tmp_path, make_tiny_model, tokens):
     torch.testing.assert_close(_logits(model, tokens), _logits(reference, tokens), atol=0.05, rtol=0.05)
 
 
-def test_gguf_with_tokenizer_loads_end_to_end(tmp_path, tiny_model_dir, tiny_loaded, tokens):
+def test_gguf_with_tokenizer_loads_end_to_end(tmp_path, tiny_model_dir, fresh_tiny_loaded, tokens):
     """A GGUF carrying the tiny model and its byte-BPE vocabulary loads like the HF directory."""
     vocab = json.loads((tiny_model_dir / "tokenizer.json").read_text())
     ids = {**vocab["model"]["vocab"], **{t["content"]: t["id"] for t in vocab["added_tokens"]}}
     token_list = sorted(ids, key=ids.get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in vocab["model"]["merges"]]
     special = {t["content"] for t in vocab["added_tokens"] if t["special"]}
-    hf_tok = tiny_loaded.tokenizer
+    hf_tok = fresh_tiny_loaded.tokenizer
 
     def tokenizer_meta(w):
         w.add_tokenizer_model("gpt2")
@@ -196,11 +196,11 @@ def test_gguf_with_tokenizer_loads_end_to_end(tmp_path, tiny_model_dir, tiny_loa
         w.add_add_bos_token(False)
         w.add_chat_template(hf_tok.chat_template)
 
-    write_gguf(tmp_path / "t.gguf", tiny_loaded.model, tokenizer_meta=tokenizer_meta)
+    write_gguf(tmp_path / "t.gguf", fresh_tiny_loaded.model, tokenizer_meta=tokenizer_meta)
     loaded = load_model(tmp_path / "t.gguf")
-    assert loaded.name == "t" and loaded.fingerprint == tiny_loaded.fingerprint
+    assert loaded.name == "t" and loaded.fingerprint == fresh_tiny_loaded.fingerprint
     tokens = tokens % loaded.config.vocab_size
-    assert torch.equal(_logits(loaded.model, tokens), _logits(tiny_loaded.model, tokens))
+    assert torch.equal(_logits(loaded.model, tokens), _logits(fresh_tiny_loaded.model, tokens))
     tok = loaded.tokenizer
     for text in ["Hello, world!  2024 naïve 😀", "<|im_start|>user\nhi<|im_end|>", "def f(x):\n    return x"]:
         assert tok.encode(text) == hf_tok.encode(text), text

@@ -157,10 +157,10 @@ def test_collate_right_pads_and_masks_padding():
 
 # ---- model and loss ------------------------------------------------------------------------------
 
-def test_training_loss_is_the_served_model_on_response_tokens_only(tiny_loaded):
+def test_training_loss_is_the_served_model_on_response_tokens_only(fresh_tiny_loaded):
     """Split forward + head-at-targets == the serving forward's cross-entropy over exactly the
     response tokens of each unpadded example; padding changes nothing."""
-    base, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    base, tok = fresh_tiny_loaded.model, fresh_tiny_loaded.tokenizer
     recs = toy_records(4)
     examples = [encode_record(r, tok, "t") for r in recs]
     adapter = TrainableAdapter(base.config, 3, 2, "per_head", 0.5, seed=1)
@@ -180,8 +180,8 @@ def test_training_loss_is_the_served_model_on_response_tokens_only(tiny_loaded):
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fresh_adapter_is_the_base_model_and_only_it_trains(tiny_loaded):
-    base, tok = tiny_loaded.model, tiny_loaded.tokenizer
+def test_fresh_adapter_is_the_base_model_and_only_it_trains(fresh_tiny_loaded):
+    base, tok = fresh_tiny_loaded.model, fresh_tiny_loaded.tokenizer
     adapter = TrainableAdapter(base.config, 3, 2, "per_head", 0.5, seed=0)
     assert not adapter.gates.any()
     ex = encode_record(toy_records(1)[0], tok, "t")
@@ -212,8 +212,8 @@ def served_loss(base, weights, examples) -> float:
     return total / n
 
 
-def test_resume_continues_to_the_uninterrupted_result(tiny_loaded, toy_data, tmp_path):
-    base, tok = tiny_loaded.model, tiny_loaded.tokenizer
+def test_resume_continues_to_the_uninterrupted_result(fresh_tiny_loaded, toy_data, tmp_path):
+    base, tok = fresh_tiny_loaded.model, fresh_tiny_loaded.tokenizer
     before = {k: v.clone() for k, v in base.state_dict().items()}
     cfg = small_config()
     data = load_dataset(toy_data, tok, cfg.max_len, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)

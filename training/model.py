@@ -106,6 +106,9 @@ class LowerStates:
 
 def freeze(base: nn.Module) -> None:
     """The base never gets gradients or optimizer state."""
+    if base.packed:
+        raise ValueError("this model was packed for CPU inference (by an engine) and has no autograd "
+                         "through its linear layers: train on a model loaded for training")
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)

@@ -85,6 +85,4 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu",
     if tied:
         model.output.weight = model.tok_embeddings.weight   # assign=True replaced the tied Parameter
     model.to(device)   # the non-persistent RoPE tables (kept float32 for precision)
-    if torch.device(device).type == "cpu":
-        model.use_column_major_head()
     return model.requires_grad_(False).eval()
