@@ -32,18 +32,22 @@ def _llama3_scale(inv: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def rope_table(head_dim: int, max_pos: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [max_pos, head_dim] (each frequency repeated for both halves)."""
+    """cos and signed sin of shape [max_pos, head_dim]: each frequency repeated for both halves,
+    the sine negated in the first half (what `apply_rope` expects)."""
     inv = inv_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_pos, dtype=torch.float32, device="cpu"), inv)
+    sin = angles.sin()
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos(), torch.cat([-sin, sin], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [B, 1, T, D] already gathered at each token's position."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., D]; cos/signed_sin broadcastable to x, already gathered at each token's position.
+
+    rotate_half(x)·sin = [-x2, x1]·[sin, sin] = [x2, x1]·[-sin, sin]: a roll by half a head
+    times the signed sine, so the rotation is three kernels (decode is launch-bound).
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def permute_for_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
