@@ -159,10 +159,11 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens) -> dict:
     config = EngineConfig(max_batch=len(prompts), max_queue=len(prompts),
                           max_tokens_per_step=max(512, len(prompts)),
                           max_seq_len=max(map(len, prompts)) + new_tokens)
-    engine = Engine(loaded, registry, config).start()
+    engine = Engine(loaded, registry, config)
     try:
         t0 = time.perf_counter()
         handles = [engine.submit(GenerationRequest(p, params, adapter=ref)) for p, ref in zip(prompts, adapter_refs)]
+        engine.run_here(lambda: False)      # on this thread, as `serve` runs it; returns when idle
         results = [h.wait() for h in handles]
         wall = time.perf_counter() - t0
     finally:

@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=max_seq_len,
                                  max_tokens_per_step=max(args.max_tokens_per_step, args.max_batch),
                                  max_queue=args.max_queue, compile=args.compile)
-    engine = Engine(loaded, registry, engine_config)
-    engine.start()
+    engine = Engine(loaded, registry, engine_config)   # steps on this thread (Engine.run_here)
     watcher = StoreWatcher(registry, args.store_poll_interval).start() if args.store_poll_interval > 0 else None
     stats = engine.stats()
     log.info("engine: batch %d, sequence length %d, queue %d, KV cache %.1f MiB",
@@ -171,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=args.shutdown_timeout, log_config=None))
     try:
-        _serve_until_signalled(server)
+        _serve_until_signalled(server, engine)
     finally:
         engine.shutdown(graceful=True)
         if watcher is not None:
@@ -180,10 +179,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_until_signalled(server) -> None:
-    """Run uvicorn in a thread and turn SIGINT/SIGTERM into its graceful exit (a second signal
-    forces it). uvicorn's own handling re-raises the signal once it has drained, which would
-    kill the process before the engine and the store watcher are shut down."""
+def _serve_until_signalled(server, engine) -> None:
+    """Run uvicorn in a thread and the engine on this one until uvicorn has drained; turn
+    SIGINT/SIGTERM into uvicorn's graceful exit (a second signal forces it). uvicorn's own
+    handling re-raises the signal once it has drained, which would kill the process before the
+    engine and the store watcher are shut down. The engine keeps the main thread because the
+    model was loaded on it (see Engine.run_here)."""
     def on_signal(signum, frame) -> None:
         log.info("%s: shutting down (again to force)", signal.Signals(signum).name)
         server.force_exit = server.should_exit
@@ -193,8 +194,9 @@ def _serve_until_signalled(server) -> None:
     thread = threading.Thread(target=server.run, name="http")
     try:
         thread.start()
-        while thread.is_alive():
-            thread.join(0.5)    # a timed join keeps the main thread free to run signal handlers
+        # The engine's idle waits are timed, so signal handlers run here promptly.
+        engine.run_here(thread.is_alive)
+        thread.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
