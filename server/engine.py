@@ -1,12 +1,13 @@
 """The batched inference engine: continuous batching, a different adapter per sequence, streaming.
 
-A background thread repeats `step()`: admit waiting requests into free KV-cache slots, run one
+A loop repeats `step()` (on the engine's own thread after `start()`, or on the caller's with
+`run_here`, which `serve` uses): admit waiting requests into free KV-cache slots, run one
 decode forward over every sequence that is generating (each row with its own adapter, or none,
 in the same batched call) and one forward over prompt chunks of sequences still in prefill,
 sample every row with its own parameters, and hand the new tokens to each request's stream.
 
 Thread model: `submit`, `cancel`, `stats` may be called from any thread; everything that
-touches tensors runs on the engine thread (or in the caller of `step()` when not started).
+touches tensors runs on the stepping thread.
 Streams are asyncio-friendly: a request submitted from inside an event loop gets its events
 through `loop.call_soon_threadsafe` (one call per loop per step); one submitted outside any
 loop is consumed with the blocking `iter(handle)` / `handle.wait()`.
