@@ -190,8 +190,17 @@ def _serve_until_signalled(server, engine) -> None:
         server.force_exit = server.should_exit
         server.should_exit = True
 
+    def run_http() -> None:
+        # Torch work on the HTTP side (adapter uploads and K/V loads) runs single-threaded, and
+        # so do worker threads started later (they inherit torch's default, now 1): a second
+        # OpenMP pool beside the engine's slows every step (see Engine.run_here).
+        import torch  # noqa: PLC0415 (serve imports torch lazily)
+
+        torch.set_num_threads(1)
+        server.run()
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    thread = threading.Thread(target=server.run, name="http")
+    thread = threading.Thread(target=run_http, name="http")
     try:
         thread.start()
         # The engine's idle waits are timed, so signal handlers run here promptly.
