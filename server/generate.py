@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -51,13 +52,15 @@ def run_generate(args: argparse.Namespace) -> int:
             adapter = registry.upload("cli", adapter_bytes, source=f"file:{args.adapter.name}").ref
         config = EngineConfig(max_batch=1, max_queue=1, max_tokens_per_step=512,
                               max_seq_len=min(len(prompt_ids) + params.max_new_tokens, loaded.config.max_seq_len))
-        engine = Engine(loaded, registry, config).start()
+        engine = Engine(loaded, registry, config)
         try:
             handle = engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter))
-            for event in handle:
-                if not args.json:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
+            # The engine steps on this thread, the one that loaded the model (Engine.run_here);
+            # a thread that runs no torch work prints the stream.
+            printer = threading.Thread(target=_print_stream, args=(handle, args.json))
+            printer.start()
+            engine.run_here(lambda: False)      # returns once the request is done
+            printer.join()
             result = handle.wait()
         finally:
             engine.shutdown(graceful=False)
@@ -67,3 +70,13 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def _print_stream(handle, quiet: bool) -> None:
+    try:
+        for event in handle:
+            if not quiet:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    except Exception:   # noqa: BLE001 (a failed request is reported once, by handle.wait())
+        return
