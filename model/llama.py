@@ -156,9 +156,9 @@ class Transformer(nn.Module):
         """Swap every linear layer for its oneDNN-prepacked form (model/packed_linear.py).
 
         Inference only and one way: afterwards the model has no autograd through its linears and
-        no dense wq/wk/wv/w1/w3 (their packed copies replace them, so memory does not double; a
-        tied head keeps the embedding's dense copy too). Returns whether the model is packed;
-        a model that cannot be (not float32 on a oneDNN CPU) is left as it is.
+        no dense linear weights (their packed copies replace them, so memory does not double; a
+        tied head costs one extra copy, the embedding stays dense). Returns whether the model is
+        packed; a model that cannot be (not float32 on a oneDNN CPU) is left as it is.
         """
         if self.packed:
             return True
@@ -169,6 +169,10 @@ class Transformer(nn.Module):
             layer.attention.pack()
             layer.feed_forward.pack()
         self.output = PackedLinear([self.output.weight])
+        # What stays dense (embedding, norms) may be views of the checkpoint's memory map, which
+        # would keep every page the packing read resident: own copies let the map go.
+        for p in self.parameters():
+            p.data = p.data.clone()
         return True
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
