@@ -47,7 +47,7 @@ class EngineError(RuntimeError):
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 1.0            # 0 = greedy
+    temperature: float = 1.0            # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0                  # 1 = off
     top_k: int = 0                      # 0 = off
     repetition_penalty: float = 1.0     # 1 = off; CTRL-style over prompt + generated tokens
@@ -57,6 +57,9 @@ class SamplingParams:
     ignore_eos: bool = False            # when True the tokenizer's stop ids do not end generation
     top_logprobs: int = 0               # alternatives reported per generated token
 
+    # Logits divided by a smaller temperature overflow float32 (softmax → NaN); the distribution
+    # is one-hot long before that, so these count as greedy (vLLM draws the same line).
+    GREEDY_BELOW = 1e-5
     MAX_TOP_LOGPROBS = 20
     MAX_STOP_STRINGS = 16
 
@@ -87,7 +90,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < self.GREEDY_BELOW
 
 
 def _finite(x) -> bool:

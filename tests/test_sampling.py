@@ -80,10 +80,13 @@ def test_logprobs_are_raw_log_softmax_and_greedy_is_argmax():
     assert out[2].token_id != int(logits[2].argmax())
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy():
+def test_top_k_one_and_tiny_top_p_and_temperature_are_greedy():
     torch.manual_seed(2)
-    logits = torch.randn(4, 100)
-    for params in (SamplingParams(temperature=1.5, top_k=1, seed=3), SamplingParams(top_p=1e-6, seed=4)):
+    logits = torch.randn(4, 100) * 50
+    # A temperature that overflows logits/temperature in float32 once made softmax NaN (a 500
+    # the HTTP fuzz test found with 2e-257).
+    for params in (SamplingParams(temperature=1.5, top_k=1, seed=3), SamplingParams(top_p=1e-6, seed=4),
+                   SamplingParams(temperature=2e-257, seed=5), SamplingParams(temperature=1e-6, seed=6)):
         out = sample_batch(logits, rows([params] * 4))
         assert [o.token_id for o in out] == logits.argmax(-1).tolist()
 
