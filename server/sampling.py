@@ -86,6 +86,7 @@ def keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
         probs = torch.softmax(vals, dim=-1)
     cum = probs.cumsum(-1)
     keep = (cum - probs) < top_p        # a token is kept if the mass before it is below top_p
+    keep[0] = True                      # even when top_p underflows float32 to 0
     out = torch.full_like(logits, float("-inf"))
     out[idx[keep]] = vals[keep]
     return out

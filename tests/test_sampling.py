@@ -83,9 +83,10 @@ def test_logprobs_are_raw_log_softmax_and_greedy_is_argmax():
 def test_top_k_one_and_tiny_top_p_and_temperature_are_greedy():
     torch.manual_seed(2)
     logits = torch.randn(4, 100) * 50
-    # A temperature that overflows logits/temperature in float32 once made softmax NaN (a 500
-    # the HTTP fuzz test found with 2e-257).
+    # A temperature that overflows logits/temperature, or a top_p that underflows, in float32
+    # once made softmax NaN (500s the HTTP fuzz test found with 2e-257 and 1.7e-106).
     for params in (SamplingParams(temperature=1.5, top_k=1, seed=3), SamplingParams(top_p=1e-6, seed=4),
+                   SamplingParams(top_p=1.7e-106, seed=7),
                    SamplingParams(temperature=2e-257, seed=5), SamplingParams(temperature=1e-6, seed=6)):
         out = sample_batch(logits, rows([params] * 4))
         assert [o.token_id for o in out] == logits.argmax(-1).tolist()
