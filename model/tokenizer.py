@@ -20,7 +20,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from .chat_template import LLAMA2_CHAT_TEMPLATE, ChatTemplateError, render_chat
 from .config import UnsupportedModelError
-from .loaders import CheckpointError
+from .loaders import CheckpointError, read_json
 
 # End-of-turn / end-of-text markers of common chat formats: generation stops on them whenever
 # the vocabulary has them as special tokens, whatever the config calls EOS.
@@ -262,12 +262,8 @@ def load_tokenizer(path: Path, gguf_metadata: dict[str, Any] | None = None) -> T
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    """An optional settings file: {} when absent."""
+    return read_json(path) if path.is_file() else {}
 
 
 def _token_content(value: Any) -> str | None:

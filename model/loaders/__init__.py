@@ -7,6 +7,7 @@ target device/dtype as it is read, then assigned in place.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,14 @@ from ..llama import Transformer
 
 class CheckpointError(ValueError):
     """A checkpoint is missing files, corrupt, or does not match its own config."""
+
+
+def read_json(path: Path) -> Any:
+    """A checkpoint's JSON file (config, params, tokenizer settings), or a CheckpointError."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
 
 
 TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor]]]

@@ -15,17 +15,14 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig, UnsupportedModelError
 from ..hf_names import hf_to_ours, ours_to_hf
-from . import Checkpoint, CheckpointError
+from . import Checkpoint, CheckpointError, read_json
 
 # Tensors some exports carry that the model recomputes itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_config(path: Path) -> ModelConfig:
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from e
+    raw = read_json(path / "config.json")
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise UnsupportedModelError(f"{path}: LLaMA variants with attention/MLP biases are not supported")
     try:

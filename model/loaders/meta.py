@@ -6,14 +6,13 @@ file-backed until converted. Meta stores wq/wk for interleaved RoPE; they are pe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
 from ..rope import permute_for_half_split
-from . import Checkpoint, CheckpointError
+from . import Checkpoint, CheckpointError, read_json
 
 # Row-parallel weights are split along their input dimension across ranks; everything else
 # 2-D along its output dimension; 1-D norms are replicated.
@@ -22,10 +21,7 @@ _IGNORED = ("rope.freqs",)
 
 
 def read_config(path: Path) -> ModelConfig:
-    try:
-        params = json.loads((path / "params.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / 'params.json'}: unreadable ({e})") from e
+    params = read_json(path / "params.json")
     vocab = None
     if int(params.get("vocab_size", -1)) <= 0 and (path / "tokenizer.model").is_file():
         import sentencepiece  # noqa: PLC0415
