@@ -75,11 +75,11 @@ class AdapterMetadata:
         if m.get("format_version") != FORMAT_VERSION:
             raise AdapterFormatError(f"unsupported format_version {m.get('format_version')!r}")
         try:
-            layers = [int(x) for x in m["layers"].split(",")] if m.get("layers") else []
+            layers = [_decimal(x) for x in m["layers"].split(",")] if m.get("layers") else []
             meta = cls(
-                adapter_len=int(m["adapter_len"]), layers=layers, gate_kind=m["gate_kind"],
-                base_dim=int(m["base_dim"]), base_n_layers=int(m["base_n_layers"]),
-                base_n_heads=int(m["base_n_heads"]), base_fingerprint=m.get("base_fingerprint", ""),
+                adapter_len=_decimal(m["adapter_len"]), layers=layers, gate_kind=m["gate_kind"],
+                base_dim=_decimal(m["base_dim"]), base_n_layers=_decimal(m["base_n_layers"]),
+                base_n_heads=_decimal(m["base_n_heads"]), base_fingerprint=m.get("base_fingerprint", ""),
                 source=m.get("source", "uploaded"), extra=json.loads(m.get("extra") or "{}"))
         except (KeyError, ValueError, TypeError) as e:
             raise AdapterFormatError(f"bad metadata field: {e}") from None
@@ -90,6 +90,13 @@ class AdapterMetadata:
         if meta.adapter_len < 1:   # K = 0 would pass the shape checks and give NaN attention
             raise AdapterFormatError(f"adapter_len must be at least 1, got {meta.adapter_len}")
         return meta
+
+
+def _decimal(text: str) -> int:
+    """A plain decimal integer: int() would also take '0_4', ' 4', '+4' or non-ASCII digits."""
+    if not isinstance(text, str) or not re.fullmatch(r"0|[1-9][0-9]{0,9}", text, re.ASCII):
+        raise ValueError(f"expected a decimal integer, got {text!r}")
+    return int(text)
 
 
 def metadata_for(weights: AdapterWeights, model, source: str, extra: dict[str, Any] | None = None,
@@ -159,8 +166,10 @@ def check_fits(meta: AdapterMetadata, model, fingerprint: str | None = None,
     bad = [i for i in meta.layers if not 0 <= i < cfg.n_layers]
     if bad:
         raise AdapterFormatError(f"adapter layers {bad} do not exist in a {cfg.n_layers}-layer model")
-    if (fingerprint and meta.base_fingerprint and meta.base_fingerprint != fingerprint
-            and not allow_fingerprint_mismatch):
+    # An adapter that does not say which base it was made for is a mismatch too: its maker
+    # could have trained it on any model of this shape.
+    if fingerprint and meta.base_fingerprint != fingerprint and not allow_fingerprint_mismatch:
+        made_for = meta.base_fingerprint or "an unrecorded base (empty base_fingerprint)"
         raise AdapterFormatError(
-            f"base-model fingerprint mismatch: adapter made for {meta.base_fingerprint}, "
-            f"this model is {fingerprint}")
+            f"base-model fingerprint mismatch: adapter made for {made_for}, this model is {fingerprint} "
+            "(an admin may override: allow_fingerprint_mismatch)")

@@ -11,6 +11,7 @@ import re
 from adapters.validation import AdapterValidationError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+MAX_VERSION = 999_999_999     # version numbers are at most 9 digits
 
 
 class AdapterNameError(AdapterValidationError):
@@ -33,8 +34,9 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     check_name(name)
     if not sep:
         return name, None
-    if not re.fullmatch(r"[1-9][0-9]{0,8}", version, re.ASCII):
-        raise AdapterNameError(f"invalid adapter version in {ref!r}: expected name@N with N ≥ 1")
+    if not re.fullmatch(r"[1-9][0-9]{0,19}", version, re.ASCII) or int(version) > MAX_VERSION:
+        raise AdapterNameError(f"invalid adapter version in {ref!r}: expected name@N with N an integer "
+                               f"from 1 to {MAX_VERSION}")
     return name, int(version)
 
 

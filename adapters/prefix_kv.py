@@ -19,7 +19,7 @@ from adapters.validation import ValidationLimits, check_adapter_bytes
 from model.adapter import AdapterKV, AdapterWeights, compute_adapter_kv
 
 KV_FORMAT = "llama-adapter-prefix-kv"
-KV_FORMAT_VERSION = "1"
+KV_FORMAT_VERSION = "2"   # 2: adapted layers only (1 was dense over all layers)
 # Our own cache files: checked for structure, but larger than any uploaded adapter may be.
 _KV_FILE_LIMITS = ValidationLimits(max_file_bytes=1 << 36, max_header_bytes=1 << 20, max_tensors=3)
 
@@ -40,7 +40,7 @@ def _identity(adapter_sha256: str, fingerprint: str, kv_dtype: torch.dtype) -> d
 
 
 def save_prefix_kv(path: str | Path, kv: AdapterKV, adapter_sha256: str, fingerprint: str) -> None:
-    """Dense over all layers, as AdapterKV is, so loading is a single copy per tensor."""
+    """The adapted layers only, as AdapterKV holds them, so loading is a single copy per tensor."""
     tensors = {"keys": kv.keys, "values": kv.values, "gates": kv.gates}
     meta = _identity(adapter_sha256, fingerprint, kv.keys.dtype)
     meta["layers"] = ",".join(map(str, kv.layers))
@@ -68,9 +68,9 @@ def load_prefix_kv(path: str | Path, model, adapter_sha256: str, fingerprint: st
     except Exception:   # absent or damaged (safetensors has its own error type): recompute
         return None
     k_len = keys.shape[2] if keys.dim() == 4 else 0
-    want_kv = (cfg.n_layers, cfg.n_kv_heads, k_len, cfg.head_dim)
+    want_kv = (len(layers), cfg.n_kv_heads, k_len, cfg.head_dim)
     if (k_len == 0 or tuple(keys.shape) != want_kv or tuple(values.shape) != want_kv
-            or tuple(gates.shape) != (cfg.n_layers, cfg.n_heads) or max(layers) >= cfg.n_layers
+            or tuple(gates.shape) != (len(layers), cfg.n_heads) or max(layers) >= cfg.n_layers
             or list(layers) != sorted(set(layers))):
         return None
     return AdapterKV(keys, values, gates, layers)

@@ -38,15 +38,13 @@ class AdapterWeights:
 
 @dataclass
 class AdapterKV:
-    """Precomputed prompt keys/values of one adapter for every model layer (zeros where unadapted).
+    """Precomputed prompt keys/values of one adapter, for its adapted layers only (an adapter
+    of one layer in a 30-layer model holds one layer's K/V, not 30)."""
 
-    Dense over all layers so a batch of adapters stacks with a single op per tensor.
-    """
-
-    keys: torch.Tensor         # [n_layers, Hkv, K, D]
-    values: torch.Tensor       # [n_layers, Hkv, K, D]
-    gates: torch.Tensor        # [n_layers, H] (zero where unadapted)
-    layers: tuple[int, ...]    # which layers are adapted
+    keys: torch.Tensor         # [len(layers), Hkv, K, D]
+    values: torch.Tensor       # [len(layers), Hkv, K, D]
+    gates: torch.Tensor        # [len(layers), H]
+    layers: tuple[int, ...]    # the adapted model layers, ascending; row i of each tensor is layers[i]
 
     @property
     def adapter_len(self) -> int:
@@ -56,6 +54,12 @@ class AdapterKV:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.gates))
 
 
+def adapter_kv_bytes(n_layers_adapted: int, adapter_len: int, n_kv_heads: int, head_dim: int,
+                     element_size: int) -> int:
+    """Device bytes of an adapter's prompt keys + values (what `AdapterKV` holds, gates aside)."""
+    return 2 * n_layers_adapted * n_kv_heads * adapter_len * head_dim * element_size
+
+
 def compute_adapter_kv(model, weights: AdapterWeights) -> AdapterKV:
     """Run each adapted layer's frozen wk/wv over its prompts.
 
@@ -63,27 +67,18 @@ def compute_adapter_kv(model, weights: AdapterWeights) -> AdapterKV:
     adapter version and caches the result.
     """
     cfg = model.config
-    n_layers, hkv, hd, h = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
+    hkv, hd, h = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
     k_len = weights.adapter_len
     ref = model.tok_embeddings.weight
     prompts = weights.prompts.to(device=ref.device, dtype=ref.dtype)
     gates = weights.gates.to(device=ref.device, dtype=ref.dtype)
-    keys, values, gate_rows = [], [], []
-    adapted = {layer: i for i, layer in enumerate(weights.layers)}
-    zeros_kv = prompts.new_zeros(hkv, k_len, hd)
-    for layer in range(n_layers):
-        i = adapted.get(layer)
-        if i is None:
-            keys.append(zeros_kv)
-            values.append(zeros_kv)
-            gate_rows.append(gates.new_zeros(h))
-            continue
+    keys, values = [], []
+    for i, layer in enumerate(weights.layers):
         k, v = model.layers[layer].attention.project_kv(prompts[i])
         keys.append(k.reshape(k_len, hkv, hd).transpose(0, 1))
         values.append(v.reshape(k_len, hkv, hd).transpose(0, 1))
-        gate_rows.append(gates[i].expand(h))
-    return AdapterKV(torch.stack(keys), torch.stack(values), torch.stack(gate_rows),
-                     tuple(sorted(adapted)))
+    return AdapterKV(torch.stack(keys), torch.stack(values), gates.expand(-1, h).contiguous(),
+                     tuple(weights.layers))
 
 
 @dataclass
@@ -97,15 +92,18 @@ class LayerAdapterInputs:
 class AdapterBatch:
     """Per-sequence adapters for one forward pass; `None` entries mean the base model."""
 
-    def __init__(self, per_layer: list[LayerAdapterInputs | None]):
-        self.per_layer = per_layer
+    def __init__(self, per_layer: dict[int, LayerAdapterInputs]):
+        self.per_layer = per_layer       # only the layers some sequence adapts
 
     def layer(self, i: int) -> LayerAdapterInputs | None:
-        return self.per_layer[i]
+        return self.per_layer.get(i)
 
     @classmethod
     def build(cls, entries: list[AdapterKV | None], n_layers: int) -> "AdapterBatch | None":
-        """Stack the adapters of a batch's sequences. Returns None when no sequence has one."""
+        """Stack the adapters of a batch's sequences. Returns None when no sequence has one.
+
+        A layer's inputs cover every row: rows whose adapter skips that layer (or that have
+        none) get zero keys/values and a zero gate, which adds exactly nothing."""
         real = [e for e in entries if e is not None]
         if not real:
             return None
@@ -113,47 +111,44 @@ class AdapterBatch:
         k_max = max(e.adapter_len for e in real)
         _, hkv, _, hd = ref.keys.shape
         h = ref.gates.shape[1]
-        zero_kv = ref.keys.new_zeros(n_layers, hkv, k_max, hd)
-        zero_gate = ref.gates.new_zeros(n_layers, h)
-        keys, values, gates, masks = [], [], [], []
-        for e in entries:
-            if e is None:
-                keys.append(zero_kv), values.append(zero_kv), gates.append(zero_gate)
-                masks.append(k_max)
-                continue
-            pad = k_max - e.adapter_len
-            keys.append(_pad_len(e.keys, pad)), values.append(_pad_len(e.values, pad))
-            gates.append(e.gates)
-            masks.append(e.adapter_len)
-        keys_t = torch.stack(keys, dim=1)          # [n_layers, B, Hkv, K, D]
-        values_t = torch.stack(values, dim=1)
-        gates_t = torch.stack(gates, dim=1)[..., None, None]   # [n_layers, B, H, 1, 1]
+        zero_kv = ref.keys.new_zeros(hkv, k_max, hd)
+        zero_gate = ref.gates.new_zeros(h)
+        rows = [{layer: i for i, layer in enumerate(e.layers)} if e is not None else {} for e in entries]
+        per_layer = {}
+        for layer in sorted(set().union(*(e.layers for e in real))):
+            if layer >= n_layers:
+                raise ValueError(f"adapter layer {layer} does not exist in a {n_layers}-layer model")
+            keys, values, gates = [], [], []
+            for e, index in zip(entries, rows):
+                i = index.get(layer)
+                if i is None:
+                    keys.append(zero_kv), values.append(zero_kv), gates.append(zero_gate)
+                    continue
+                pad = k_max - e.adapter_len
+                keys.append(_pad_len(e.keys[i], pad)), values.append(_pad_len(e.values[i], pad))
+                gates.append(e.gates[i])
+            per_layer[layer] = (torch.stack(keys), torch.stack(values), torch.stack(gates)[..., None, None])
+        lengths = [e.adapter_len if e is not None else k_max for e in entries]
         key_mask = None
-        if any(m != k_max for m in masks):
+        if any(n != k_max for n in lengths):
             key_mask = torch.arange(k_max, device=ref.keys.device)[None, :] < torch.tensor(
-                masks, device=ref.keys.device)[:, None]
-        adapted = set().union(*(e.layers for e in real))
-        return cls([LayerAdapterInputs(keys_t[i], values_t[i], gates_t[i], key_mask)
-                    if i in adapted else None for i in range(n_layers)])
+                lengths, device=ref.keys.device)[:, None]
+        return cls({layer: LayerAdapterInputs(k, v, g, key_mask) for layer, (k, v, g) in per_layer.items()})
 
     @classmethod
     def broadcast(cls, kv: AdapterKV, batch_size: int) -> "AdapterBatch":
         """One adapter shared by the whole batch (training); keeps the autograd graph."""
-        per_layer: list[LayerAdapterInputs | None] = []
-        for i in range(kv.keys.shape[0]):
-            if i not in kv.layers:
-                per_layer.append(None)
-                continue
-            per_layer.append(LayerAdapterInputs(
-                kv.keys[i].expand(batch_size, -1, -1, -1), kv.values[i].expand(batch_size, -1, -1, -1),
-                kv.gates[i].view(1, -1, 1, 1).expand(batch_size, -1, -1, -1), None))
-        return cls(per_layer)
+        return cls({layer: LayerAdapterInputs(
+            kv.keys[i].expand(batch_size, -1, -1, -1), kv.values[i].expand(batch_size, -1, -1, -1),
+            kv.gates[i].view(1, -1, 1, 1).expand(batch_size, -1, -1, -1), None)
+            for i, layer in enumerate(kv.layers)})
 
 
 def _pad_len(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """[Hkv, K, D] → [Hkv, K + pad, D] (zeros after)."""
     if pad == 0:
         return t
-    return torch.cat([t, t.new_zeros(*t.shape[:2], pad, t.shape[3])], dim=2)
+    return torch.cat([t, t.new_zeros(t.shape[0], pad, t.shape[2])], dim=1)
 
 
 def adapter_attention(q: torch.Tensor, a: LayerAdapterInputs) -> torch.Tensor:

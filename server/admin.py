@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from adapters.names import AdapterNameError, check_name
 from adapters.store import AdapterNotFoundError
-from server.routes_common import ApiError, ServerContext, get_ctx
+from server.routes_common import ApiError, ServerContext, ServerSettings, get_ctx
 from server.schemas_tgi import TGIError
 
 ENV_HINT = "start the server with --admin-token or ADAPTER_SERVER_ADMIN_TOKEN"
@@ -53,16 +53,25 @@ class DeletedOut(BaseModel):
     deleted: list[VersionOut]
 
 
-def require_admin(request: Request, ctx: ServerContext = Depends(get_ctx)) -> ServerContext:
-    token = ctx.settings.admin_token
+def admin_auth_error(settings: ServerSettings, authorization: str) -> ApiError | None:
+    """Why an Authorization header value does not open the admin API (None = it does). Checked
+    by the app's middleware before a body is read, and again by the routes' dependency."""
+    token = settings.admin_token
     if not token:
-        raise ApiError(403, f"the admin API is disabled: {ENV_HINT}", "auth")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return ApiError(403, f"the admin API is disabled: {ENV_HINT}", "auth")
+    scheme, _, given = authorization.partition(" ")
     if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "admin token required: send 'Authorization: Bearer <token>'", "auth",
-                       headers={"WWW-Authenticate": "Bearer"})
+        return ApiError(401, "admin token required: send 'Authorization: Bearer <token>'", "auth",
+                        headers={"WWW-Authenticate": "Bearer"})
     if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ApiError(403, "admin token rejected", "auth")
+        return ApiError(403, "admin token rejected", "auth")
+    return None
+
+
+def require_admin(request: Request, ctx: ServerContext = Depends(get_ctx)) -> ServerContext:
+    refused = admin_auth_error(ctx.settings, request.headers.get("authorization", ""))
+    if refused is not None:
+        raise refused
     if ctx.registry is None:
         raise ApiError(404, "this server has no adapter store", "not_found")
     return ctx

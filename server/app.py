@@ -8,32 +8,28 @@ it down after); the app only marks itself ready between its own startup and shut
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import admin, routes_openai, routes_tgi
 from server.metrics import CONTENT_TYPE, ServerMetrics
-from server.routes_common import ApiError, ClientDisconnected, ServerContext, ServerSettings, get_ctx
-from server.routes_openai import openai_error_body
+from server.routes_common import (ApiError, ClientDisconnected, ServerContext, ServerSettings, error_response,
+                                  get_ctx, is_openai_path)
 
 __all__ = ["create_app", "ServerSettings"]
 
 
-def _is_openai(path: str) -> bool:
-    return path.startswith("/v1/")
-
-
-def _error_response(path: str, err: ApiError) -> JSONResponse:
-    if _is_openai(path):
-        body = openai_error_body(err).model_dump()
-    else:
-        body = {"error": err.message, "error_type": err.kind}
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+# The kind of error each status Starlette itself raises stands for (unknown route, bad method...).
+_HTTP_KINDS = {400: "validation", 401: "auth", 403: "auth", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 422: "validation"}
+_UPLOAD_ROUTE = re.compile(r"/admin/adapters/[^/]+")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -49,21 +45,27 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class BodySizeLimit:
-    """413 for bodies over the limit (uploads have their own, larger one), checked before any
-    route reads them; chunked bodies are counted as they arrive and replayed to the app."""
+    """Checks made before any body is read: admin credentials (a 401/403 for an anonymous
+    upload costs nothing), then 413 for bodies over the limit (only the upload route has the
+    larger upload limit); chunked bodies are counted as they arrive and replayed to the app."""
 
-    def __init__(self, app: ASGIApp, max_body: int, max_upload: int):
-        self.app, self.max_body, self.max_upload = app, max_body, max_upload
+    def __init__(self, app: ASGIApp, settings: ServerSettings):
+        self.app, self.settings = app, settings
+        self.max_body, self.max_upload = settings.max_body_bytes, settings.max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         path = scope["path"]
-        is_upload = path.startswith("/admin/")
+        if path.startswith("/admin/"):
+            refused = admin.admin_auth_error(self.settings, _header(scope, b"authorization"))
+            if refused is not None:
+                return await error_response(path, refused)(scope, receive, send)
+        is_upload = scope["method"] == "PUT" and _UPLOAD_ROUTE.fullmatch(path) is not None
         limit = self.max_upload if is_upload else self.max_body
         what = "upload" if is_upload else "request body"
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        declared = _header(scope, b"content-length").encode()
+        if declared.isdigit() and int(declared) > limit:
             return await self._too_large(path, what, limit, scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -91,7 +93,11 @@ class BodySizeLimit:
     @staticmethod
     async def _too_large(path, what, limit, scope, receive, send) -> None:
         err = ApiError(413, f"{what} larger than {limit} bytes", "too_large")
-        await _error_response(path, err)(scope, receive, send)
+        await error_response(path, err)(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    return dict(scope["headers"]).get(name, b"").decode("latin-1")
 
 
 def create_app(engine, registry, loaded, settings: ServerSettings | None = None) -> FastAPI:
@@ -108,20 +114,36 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
         yield
         ctx.ready = False   # /ready fails while uvicorn drains in-flight requests
 
-    app = FastAPI(title="llama-adapter-server", version="0.1.0", lifespan=lifespan,
+    # No trailing-slash redirects: Starlette builds their Location from the client's Host header.
+    app = FastAPI(title="llama-adapter-server", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="One frozen LLaMA, many hot-swappable LLaMA-Adapter adapters. "
                               "TGI/LoRAX and OpenAI-compatible generation, admin adapter upload, metrics.")
     app.state.ctx = ctx
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
-        return _error_response(request.url.path, exc)
+        return error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
         message, field = _validation_message(exc)
-        status = 400 if _is_openai(request.url.path) else 422
-        return _error_response(request.url.path, ApiError(status, message, "validation", field))
+        status = 400 if is_openai_path(request.url.path) else 422
+        return error_response(request.url.path, ApiError(status, message, "validation", field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI's own 400 for a body that is not JSON (bad UTF-8, nesting too deep) says so vaguely.
+        message = ("request body is not valid JSON (UTF-8, nested at most a few hundred levels)"
+                   if exc.status_code == 400 else str(exc.detail))
+        kind = _HTTP_KINDS.get(exc.status_code, "generation" if exc.status_code >= 500 else "validation")
+        return error_response(request.url.path, ApiError(exc.status_code, message, kind,
+                                                         headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        # Starlette still logs the traceback; the client gets the documented shape, not text/plain.
+        return error_response(request.url.path, ApiError(500, f"internal error: {type(exc).__name__}",
+                                                         "generation"))
 
     @app.exception_handler(ClientDisconnected)
     async def on_client_gone(request: Request, exc: ClientDisconnected):
@@ -148,5 +170,5 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
     app.include_router(routes_tgi.router)
     app.include_router(routes_openai.router)
     app.include_router(admin.router)
-    app.add_middleware(BodySizeLimit, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, settings=settings)
     return app

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
@@ -18,10 +21,13 @@ from adapters.names import AdapterNameError
 from adapters.store import AdapterNotFoundError, StoreCorruptError
 from adapters.validation import AdapterValidationError
 from server.metrics import UNKNOWN_LABEL, ServerMetrics, adapter_label
+from server.schemas_openai import ErrorResponse
+from server.schemas_tgi import TGIError
 from server.types import (EngineClosedError, EngineError, EngineOverloadedError, GenerationRequest,
-                          GenerationResult, InvalidRequestError, SamplingParams)
+                          GenerationResult, InvalidRequestError, SamplingParams, TokenEvent, check_text)
 
 MIN_LOGPROB = -9999.0   # what OpenAI reports for impossible tokens; JSON has no -inf
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -30,6 +36,8 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20          # JSON request bodies
     max_upload_bytes: int = 64 << 20       # adapter uploads (PUT /admin/adapters/{name})
     default_max_new_tokens: int = 256      # when a request names no limit (capped by the context)
+    max_new_tokens_limit: int | None = None  # most new tokens one request may ask for; None = the context
+    request_timeout_s: float | None = None   # submit → finish deadline per request; None = none
     retry_after_s: int = 1                 # Retry-After on 503 when the queue is full
     model_id: str | None = None            # OpenAI id of the base model; None = the loaded model's name
 
@@ -43,7 +51,10 @@ class ServerContext:
     metrics: ServerMetrics
     model_id: str
     ready: bool = False
+    draining: bool = False                 # shutting down: /ready is 503, no new generation requests
     created: int = 0                       # unix time the app was built (OpenAI `created`)
+    active: set["GuardedHandle"] = field(default_factory=set)   # generation requests in flight
+    active_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def tokenizer(self):
@@ -52,6 +63,27 @@ class ServerContext:
     @property
     def max_seq_len(self) -> int:
         return self.engine.max_seq_len
+
+    @cached_property
+    def max_prompt_bytes(self) -> int:
+        """A text longer than this cannot fit the context whatever it says, so it is refused
+        before the tokenizer spends time on it: context × the longest token's UTF-8 bytes."""
+        tok = self.tokenizer
+        longest = max(len((tok.id_to_token(i) or "").encode("utf-8", "replace")) for i in range(tok.vocab_size))
+        return self.max_seq_len * max(longest, 1)
+
+    def stop_all(self, err: "ApiError") -> int:
+        """End every generation request in flight with `err` (any thread); returns how many."""
+        with self.active_lock:
+            handles = list(self.active)
+        for h in handles:
+            h.stop(err)
+        return len(handles)
+
+    @property
+    def in_flight(self) -> int:
+        with self.active_lock:
+            return len(self.active)
 
 
 def get_ctx(request: Request) -> ServerContext:
@@ -66,6 +98,35 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
         self.headers = headers or {}
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 405: "invalid_request_error", 408: "timeout",
+                 413: "invalid_request_error", 422: "invalid_request_error", 503: "server_overloaded",
+                 504: "timeout"}
+_OPENAI_CODES = {"not_found": "model_not_found", "overloaded": "server_overloaded",
+                 "too_large": "request_too_large", "timeout": "timeout"}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_body(err: ApiError, openai: bool) -> BaseModel:
+    """The one error shape: OpenAI's `{"error": {message, type, param, code}}` under /v1/,
+    TGI's `{"error", "error_type"}` everywhere else (also as the last event of a stream)."""
+    # A message may quote client text; a lone surrogate in it could not be encoded as UTF-8.
+    message = err.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if openai:
+        param = "model" if err.kind == "not_found" else err.param
+        return ErrorResponse(error={"message": message, "type": _OPENAI_TYPES.get(err.status, "server_error"),
+                                    "param": param, "code": _OPENAI_CODES.get(err.kind)})
+    return TGIError(error=message, error_type=err.kind)
+
+
+def error_response(path: str, err: ApiError) -> JSONResponse:
+    body = error_body(err, is_openai_path(path)).model_dump()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 class ClientDisconnected(Exception):
@@ -89,7 +150,7 @@ def engine_error(e: Exception, settings: ServerSettings, validation_status: int 
         return ApiError(503, f"server overloaded, retry later: {e}", "overloaded",
                         headers={"Retry-After": str(settings.retry_after_s)})
     if isinstance(e, EngineClosedError):
-        return ApiError(503, f"server is shutting down: {e}", "unavailable",
+        return ApiError(503, f"{SHUTTING_DOWN}: {e}", "unavailable",
                         headers={"Retry-After": str(settings.retry_after_s)})
     if isinstance(e, (EngineError, StoreCorruptError)):
         return ApiError(500, f"generation failed: {e}", "generation")
@@ -97,6 +158,12 @@ def engine_error(e: Exception, settings: ServerSettings, validation_status: int 
 
 
 def encode_prompt(ctx: ServerContext, text: str, add_bos: bool | None = None) -> list[int]:
+    """Tokenize a prompt (called in a worker thread: see start_counted)."""
+    check_text("prompt", text)
+    size = len(text.encode("utf-8"))
+    if size > ctx.max_prompt_bytes:
+        raise InvalidRequestError("prompt", f"the prompt is {size} bytes: more than any prompt that fits "
+                                  f"the context of {ctx.max_seq_len} tokens ({ctx.max_prompt_bytes} bytes)")
     ids = ctx.tokenizer.encode(text, add_bos=add_bos)
     if not ids:
         raise InvalidRequestError("prompt", "the prompt encodes to zero tokens")
@@ -104,10 +171,18 @@ def encode_prompt(ctx: ServerContext, text: str, add_bos: bool | None = None) ->
 
 
 def resolve_max_new_tokens(ctx: ServerContext, requested: int | None, prompt_len: int) -> int:
-    """A request without a limit gets the server default, capped by the room left in the context."""
-    if requested is not None:
-        return requested
-    return max(1, min(ctx.settings.default_max_new_tokens, ctx.max_seq_len - prompt_len))
+    """A request without a limit gets the server default, capped by the server's limit and the
+    room left in the context; an explicit one over the server's limit is refused (as TGI does)."""
+    if prompt_len >= ctx.max_seq_len:
+        raise InvalidRequestError("prompt", f"the prompt has {prompt_len} tokens; the context holds "
+                                  f"{ctx.max_seq_len} (prompt + at least one new token)")
+    limit = ctx.settings.max_new_tokens_limit
+    if requested is None:
+        return max(1, min(ctx.settings.default_max_new_tokens, limit or ctx.max_seq_len,
+                          ctx.max_seq_len - prompt_len))
+    if limit is not None and isinstance(requested, int) and requested > limit:
+        raise InvalidRequestError("max_new_tokens", f"must be at most {limit} (this server's limit), got {requested}")
+    return requested
 
 
 async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | None:
@@ -206,17 +281,69 @@ class EngineEventStream(StreamingResponse):
                 self._on_close()
 
 
+class GuardedHandle:
+    """An engine request handle as the routes see it: the same API (async iteration, result(),
+    cancel()), plus a way to end it from outside with a given error (the request deadline, the
+    end of the shutdown grace period). A request ended that way raises that error from
+    result(), so streams end with an error event and plain answers with a JSON error."""
+
+    def __init__(self, ctx: ServerContext, handle):
+        self._ctx, self._handle = ctx, handle
+        self.request_id = handle.request_id
+        self._stopped: ApiError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        timeout = ctx.settings.request_timeout_s
+        if timeout:
+            err = ApiError(504, f"the request did not finish within this server's timeout of {timeout:g} s "
+                                "(--request-timeout)", "timeout")
+            self._timer = asyncio.get_running_loop().call_later(timeout, self.stop, err)
+        with ctx.active_lock:
+            ctx.active.add(self)
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._handle.__aiter__()
+
+    def stop(self, err: ApiError) -> None:
+        """End the request with `err` (thread-safe; a no-op once it finished)."""
+        if self._stopped is None:
+            self._stopped = err
+        self._handle.cancel()
+
+    def cancel(self) -> None:
+        self._done()
+        self._handle.cancel()
+
+    async def result(self) -> GenerationResult:
+        try:
+            result = await self._handle.result()
+        finally:
+            self._done()
+        if result.finish_reason == "cancelled":
+            raise self._stopped or ApiError(503, f"the request was cancelled: {SHUTTING_DOWN}", "unavailable")
+        return result
+
+    def _done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        with self._ctx.active_lock:
+            self._ctx.active.discard(self)
+
+
 async def start_counted(ctx: ServerContext, endpoint: str, requested: str | None, make_call: Callable[[str | None], Any]):
     """Resolve the adapter, build the route's call and submit it → (call, handle, metrics label).
 
-    A refusal (unknown adapter, bad parameter, overload) is counted in the metrics and re-raised.
+    The call is built in a worker thread: tokenizing a long prompt or rendering a chat template
+    must not stall the event loop. A refusal (unknown adapter, bad parameter, overload, shutting
+    down) is counted in the metrics and re-raised.
     """
     label = request_label(requested)
     try:
+        if ctx.draining:
+            raise ApiError(503, SHUTTING_DOWN, "unavailable", headers={"Retry-After": str(ctx.settings.retry_after_s)})
         adapter_ref = await resolve_adapter(ctx, requested)
         label = adapter_label(adapter_ref)
-        call = make_call(adapter_ref)
-        return call, call.submit(), label
+        call = await run_in_threadpool(make_call, adapter_ref)
+        return call, GuardedHandle(ctx, call.submit()), label
     except ApiError as e:
         ctx.metrics.observe_request(endpoint, e.status, label)
         raise

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from model.chat_template import ChatTemplateError
 from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
-                                  encode_prompt, engine_error, finite_logprob, get_ctx,
+                                  encode_prompt, engine_error, error_body, finite_logprob, get_ctx,
                                   resolve_max_new_tokens, sse, start_counted, submit)
 from server.schemas_openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs,
@@ -31,8 +31,7 @@ _SSE = {200: {"content": {"text/event-stream": {}}}}
 
 
 def _finish(result: GenerationResult) -> str:
-    if result.finish_reason == "cancelled":
-        raise ApiError(503, "the request was cancelled (server shutting down)", "unavailable")
+    # never "cancelled": GuardedHandle.result() raises the reason instead
     return "length" if result.finish_reason == "length" else "stop"
 
 
@@ -245,7 +244,7 @@ def _stream(ctx: ServerContext, call: _Call, handle, endpoint: str, label: str) 
         except (ApiError, EngineError) as e:
             err = e if isinstance(e, ApiError) else engine_error(e, ctx.settings)
             outcome["status"] = err.status
-            yield sse(openai_error_body(err))
+            yield sse(error_body(err, openai=True))
         finally:
             handle.cancel()   # no-op when finished; frees the slot when the client went away
 
@@ -253,19 +252,6 @@ def _stream(ctx: ServerContext, call: _Call, handle, endpoint: str, label: str) 
         ctx.metrics.observe_request(endpoint, outcome["status"], label)
 
     return EngineEventStream(events(), on_close=record)
-
-
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
-                 503: "server_overloaded"}
-
-
-def openai_error_body(err: ApiError) -> ErrorResponse:
-    code = {"not_found": "model_not_found", "overloaded": "server_overloaded",
-            "too_large": "request_too_large"}.get(err.kind)
-    param = "model" if err.kind == "not_found" else err.param
-    return ErrorResponse(error={"message": err.message, "type": _OPENAI_TYPES.get(err.status, "server_error"),
-                                "param": param, "code": code})
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses={**_SSE, **_ERRORS})

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
-                                  encode_prompt, engine_error, finite_logprob, get_ctx, request_label,
-                                  resolve_max_new_tokens, sse, start_counted, submit)
+                                  encode_prompt, engine_error, error_body, finite_logprob, get_ctx,
+                                  request_label, resolve_max_new_tokens, sse, start_counted, submit)
 from server.schemas_tgi import (AlternativeToken, Details, GenerateResponse, InputToken, StreamDetails,
                                 StreamResponse, TGIError, TGIParameters, TGIRequest, Token)
 from server.types import EngineError, GenerationResult, InvalidRequestError, SamplingParams, TokenEvent
@@ -91,9 +91,7 @@ class _Call:
         return submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref, field_names=self.field_names)
 
     def _finish_reason(self, result: GenerationResult) -> str:
-        if result.finish_reason == "cancelled":
-            raise ApiError(503, "the request was cancelled (server shutting down)", "unavailable")
-        return _FINISH[result.finish_reason]
+        return _FINISH[result.finish_reason]   # never "cancelled": GuardedHandle.result() raises
 
     def _token_text(self, token_id: int) -> str:
         return self.ctx.tokenizer.decode([token_id], skip_special=False)
@@ -180,7 +178,7 @@ async def _stream(ctx: ServerContext, body: TGIRequest, endpoint: str) -> Engine
         except (ApiError, EngineError) as e:
             err = e if isinstance(e, ApiError) else engine_error(e, ctx.settings)
             outcome["status"] = err.status
-            yield sse(TGIError(error=err.message, error_type=err.kind))
+            yield sse(error_body(err, openai=False))
         finally:
             handle.cancel()   # no-op when finished; frees the slot when the client went away
 

@@ -114,5 +114,5 @@ class TGIError(BaseModel):
     """TGI's error body; `error_type` is what the clients dispatch on."""
 
     error: str
-    error_type: Literal["validation", "overloaded", "generation", "not_found", "unavailable",
-                        "too_large", "auth"]
+    error_type: Literal["validation", "overloaded", "generation", "not_found", "method_not_allowed",
+                        "unavailable", "too_large", "auth", "timeout", "storage"]

@@ -62,30 +62,39 @@ class SamplingParams:
     GREEDY_BELOW = 1e-5
     MAX_TOP_LOGPROBS = 20
     MAX_STOP_STRINGS = 16
+    MAX_STOP_CHARS = 256
+    # Ranges that keep every logit finite: the penalty multiplies negative logits (and divides
+    # positive ones) of seen tokens, then the temperature divides them all; with these bounds a
+    # float32 logit of magnitude up to 1e30 stays finite, far beyond anything a model emits.
+    MAX_TEMPERATURE = 100.0
+    REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
     def validate(self) -> None:
         def bad(name: str, message: str):
             raise InvalidRequestError(name, message)
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", f"must be an integer ≥ 1, got {self.max_new_tokens!r}")
-        if not _finite(self.temperature) or self.temperature < 0:
-            bad("temperature", f"must be ≥ 0 (0 = greedy), got {self.temperature!r}")
+        if not _finite(self.temperature) or not 0 <= self.temperature <= self.MAX_TEMPERATURE:
+            bad("temperature", f"must be in [0, {self.MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _int(self.top_k) or self.top_k < 0:
             bad("top_k", f"must be an integer ≥ 0 (0 = off), got {self.top_k!r}")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63):
+        low, high = self.REPETITION_PENALTY_RANGE
+        if not _finite(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
+            bad("repetition_penalty", f"must be in [{low:g}, {high:g}] (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not _int(self.seed) or not 0 <= self.seed < 2 ** 63):
             bad("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
         if len(self.stop) > self.MAX_STOP_STRINGS:
             bad("stop", f"at most {self.MAX_STOP_STRINGS} stop strings")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", "stop strings must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not isinstance(s, str) or not 0 < len(s) <= self.MAX_STOP_CHARS for s in self.stop):
+            bad("stop", f"stop strings must be non-empty strings of at most {self.MAX_STOP_CHARS} characters")
+        for s in self.stop:
+            check_text("stop", s)
+        if any(not _int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
-        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= self.MAX_TOP_LOGPROBS:
+        if not _int(self.top_logprobs) or not 0 <= self.top_logprobs <= self.MAX_TOP_LOGPROBS:
             bad("top_logprobs", f"must be an integer in [0, {self.MAX_TOP_LOGPROBS}]")
 
     @property
@@ -95,6 +104,20 @@ class SamplingParams:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_text(field: str, text: str) -> None:
+    """Text from a client must be valid Unicode: a lone surrogate (JSON lets `"\\udfff"` through)
+    cannot be tokenized, matched as UTF-8, or written back out."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(field, f"invalid Unicode at character {e.start}: a lone surrogate "
+                                         f"{text[e.start]!r}") from None
 
 
 @dataclass
