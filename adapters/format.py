@@ -81,7 +81,7 @@ class AdapterMetadata:
                 base_dim=_decimal(m["base_dim"]), base_n_layers=_decimal(m["base_n_layers"]),
                 base_n_heads=_decimal(m["base_n_heads"]), base_fingerprint=m.get("base_fingerprint", ""),
                 source=m.get("source", "uploaded"), extra=json.loads(m.get("extra") or "{}"))
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, RecursionError) as e:   # RecursionError: nested 'extra'
             raise AdapterFormatError(f"bad metadata field: {e}") from None
         if meta.gate_kind not in ("scalar", "per_head"):
             raise AdapterFormatError(f"gate_kind must be 'scalar' or 'per_head', got {meta.gate_kind!r}")

@@ -63,6 +63,7 @@ class AdapterRegistry:
         self.fingerprint = fingerprint
         self.limits = limits
         self._pool = AdapterPool(pool_config)
+        self.kv_cache_write_failures = 0    # K/V cache files that could not be written (metrics)
         weight = model.tok_embeddings.weight
         self._kv_filename = kv_cache_filename(fingerprint, weight.dtype)
 
@@ -117,7 +118,10 @@ class AdapterRegistry:
         try:
             self.store.write_derived(info, self._kv_filename,
                                      lambda p: save_prefix_kv(p, kv, info.sha256, self.fingerprint))
-        except OSError as e:    # a read-only store still serves; it just recomputes next time
+        # Only a cache: a full or read-only store still serves, it just recomputes next time.
+        # (safetensors reports a failed write with its own error type, not OSError.)
+        except Exception as e:  # noqa: BLE001
+            self.kv_cache_write_failures += 1
             log.warning("could not cache prefix K/V of %s: %s", info.ref, e)
 
     # ---- administration ----------------------------------------------------------------------

@@ -13,6 +13,8 @@ A write goes: bytes → tmp file, fsync → (under the lock) rename into its ver
 fsync the directories → index rewritten to a temp file, fsync, renamed over index.json, fsync
 the directory. The index is written last, so a crash at any point leaves either the old index
 (the half-done version is an orphan that `collect_garbage` removes) or the new one (complete).
+A write that fails (disk full, read-only mount) before the rename of the index removes what
+it made and raises `StoreWriteError`; once the index is renamed the change has happened.
 Version numbers of a name are never reused, even after deletion, so anything cached per
 (name, version) can never go stale.
 """
@@ -20,9 +22,11 @@ Version numbers of a name are never reused, even after deletion, so anything cac
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -38,6 +42,8 @@ import platformdirs
 from adapters.format import AdapterMetadata
 from adapters.names import check_name, format_ref, parse_ref
 
+log = logging.getLogger(__name__)
+
 STORE_ENV = "ADAPTER_SERVER_STORE"
 ADAPTER_FILE = "adapter.safetensors"
 INDEX_FORMAT = "llama-adapter-store"
@@ -52,6 +58,26 @@ class AdapterNotFoundError(LookupError):
 
 class StoreCorruptError(RuntimeError):
     """index.json cannot be read (it is only ever replaced atomically, so this means tampering)."""
+
+
+class StoreWriteError(RuntimeError):
+    """A change to the store failed before its commit and left nothing behind."""
+
+    def __init__(self, what: str, cause: OSError):
+        super().__init__(f"{what} failed: {cause.strerror or cause}")
+        self.errno = cause.errno
+
+    @property
+    def no_space(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _before_commit(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise StoreWriteError(what, e) from e
 
 
 def default_store_dir() -> Path:
@@ -122,7 +148,15 @@ class StagedFile:
     size: int
 
     def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):   # a read-only mount: garbage collection removes it later
+            self.path.unlink(missing_ok=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -222,18 +256,21 @@ class AdapterStore:
 
     # ---- writing ---------------------------------------------------------------------------
     def stage(self, data: bytes) -> StagedFile:
-        path = self._tmp / f"upload-{uuid.uuid4().hex}.part"
-        with open(path, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return StagedFile(path, hashlib.sha256(data).hexdigest(), len(data))
+        staged = StagedFile(self._tmp / f"upload-{uuid.uuid4().hex}.part", hashlib.sha256(data).hexdigest(),
+                            len(data))
+        try:
+            with _before_commit("writing the upload"):
+                _write_synced(staged.path, data)
+        except StoreWriteError:
+            staged.discard()
+            raise
+        return staged
 
     def commit(self, name: str, staged: StagedFile, meta: AdapterMetadata, source: str) -> VersionInfo:
         """Make a staged (already validated) file the next version of `name`."""
         check_name(name)
         g = 1 if meta.gate_kind == "scalar" else meta.base_n_heads
-        with self._locked():
+        with _before_commit("storing the new version"), self._locked():
             index = self._read_index_file()
             entry = index["adapters"].setdefault(name, {"next_version": 1, "versions": {}})
             version = int(entry["next_version"])
@@ -248,15 +285,21 @@ class AdapterStore:
             vdir = name_dir / str(version)
             if vdir.exists():    # an orphan of a writer that died before its index update
                 shutil.rmtree(vdir)
-            vdir.mkdir(parents=True)
-            os.replace(staged.path, vdir / ADAPTER_FILE)
-            _fsync_dir(vdir)
-            _fsync_dir(name_dir)
-            if new_name_dir:
-                _fsync_dir(self._adapters)
-            entry["versions"][str(version)] = info.record()
-            entry["next_version"] = version + 1
-            self._write_index(index)
+            try:
+                if new_name_dir:
+                    os.mkdir(name_dir)
+                os.mkdir(vdir)
+                os.replace(staged.path, vdir / ADAPTER_FILE)
+                _fsync_dir(vdir)
+                _fsync_dir(name_dir)
+                if new_name_dir:
+                    _fsync_dir(self._adapters)
+                entry["versions"][str(version)] = info.record()
+                entry["next_version"] = version + 1
+                self._write_index(index)
+            except OSError:   # not committed: leave no trace
+                shutil.rmtree(name_dir if new_name_dir else vdir, ignore_errors=True)
+                raise
         return info
 
     def add(self, name: str, data: bytes, meta: AdapterMetadata, source: str) -> VersionInfo:
@@ -279,12 +322,13 @@ class AdapterStore:
         except FileNotFoundError:   # the version was deleted meanwhile
             return False
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def delete(self, name: str, version: int | None = None) -> list[VersionInfo]:
         """Delete one version or (version None) every version of `name`; returns what went."""
         check_name(name)
-        with self._locked():
+        with _before_commit("deleting"), self._locked():
             index = self._read_index_file()
             entry = index["adapters"].get(name)
             versions = entry["versions"] if entry else {}
@@ -365,16 +409,22 @@ class AdapterStore:
         return self._parse_index(raw)
 
     def _write_index(self, index: dict[str, Any]) -> None:
+        """Commit `index`: raises OSError (leaving no temp file) only if it is not committed."""
         index["generation"] = int(index["generation"]) + 1
         tmp = self._tmp / f"index-{uuid.uuid4().hex}.part"
-        with open(tmp, "xb") as f:
-            f.write(json.dumps(index, indent=1, sort_keys=True).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._index_path)
-        _fsync_dir(self.root)
+        try:
+            _write_synced(tmp, json.dumps(index, indent=1, sort_keys=True).encode())
+            os.replace(tmp, self._index_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         st = os.stat(self._index_path)
         self._snapshot = (index, (st.st_ino, st.st_mtime_ns, st.st_size))
+        try:   # committed: a failed directory fsync only weakens durability across a power cut
+            _fsync_dir(self.root)
+        except OSError as e:
+            log.warning("adapter store %s: index committed, but fsync of the directory failed: %s", self.root, e)
 
     @staticmethod
     def _info_from(name: str, entry: dict[str, Any]) -> AdapterInfo:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.format import AdapterFormatError, AdapterMetadata, check_fits, load_adapter, save_adapter
-from model.adapter import AdapterWeights
+from model.adapter import AdapterWeights, adapter_kv_bytes
 
 # safetensors dtype tag → bytes per element; the adapter format allows only these.
 _ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
@@ -31,6 +31,10 @@ class ValidationLimits:
     max_file_bytes: int = 64 << 20
     max_header_bytes: int = 1 << 20
     max_tensors: int = 2 * 1024
+    # What a version costs once resident: K/V grows with adapter_len × adapted layers, and a
+    # long prompt slows every batch it joins. Published adapters use K ≤ 64.
+    max_adapter_len: int = 256
+    max_kv_bytes: int = 256 << 20
 
 
 DEFAULT_LIMITS = ValidationLimits()
@@ -94,6 +98,8 @@ def parse_safetensors_header(head: bytes, total_size: int,
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterValidationError(f"not a safetensors file: header is not JSON ({e})") from None
+    except RecursionError:
+        raise AdapterValidationError("not a safetensors file: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise AdapterValidationError("not a safetensors file: header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -170,13 +176,28 @@ def validate_adapter_file(path: str | Path, model, fingerprint: str | None = Non
 
     `model` is the loaded base Transformer (its config gives dim / n_layers / n_heads).
     """
-    read_safetensors_header(path, limits)
+    header = read_safetensors_header(path, limits)
     try:
+        check_resource_limits(AdapterMetadata.from_strings(header.metadata), model, limits)
         weights, meta = load_adapter(path)
         check_fits(meta, model, fingerprint, allow_fingerprint_mismatch)
     except AdapterFormatError as e:
         raise AdapterValidationError(str(e)) from None
     return weights, meta
+
+
+def check_resource_limits(meta: AdapterMetadata, model, limits: ValidationLimits) -> None:
+    """Refuse, before any tensor is read, an adapter whose K/V would cost more than allowed."""
+    if meta.adapter_len > limits.max_adapter_len:
+        raise AdapterValidationError(f"adapter_len {meta.adapter_len} exceeds this server's limit of "
+                                     f"{limits.max_adapter_len} (--max-adapter-len)")
+    cfg = model.config
+    element_size = model.tok_embeddings.weight.element_size()
+    kv = adapter_kv_bytes(len(meta.layers), meta.adapter_len, cfg.n_kv_heads, cfg.head_dim, element_size)
+    if kv > limits.max_kv_bytes:
+        raise AdapterValidationError(
+            f"the adapter's prompt keys/values would take {kv} bytes ({len(meta.layers)} layers × "
+            f"adapter_len {meta.adapter_len}); this server's limit is {limits.max_kv_bytes} (--max-adapter-kv-mb)")
 
 
 def write_validated_adapter(path: Path, weights: AdapterWeights, meta: AdapterMetadata, model,

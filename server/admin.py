@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from adapters.names import AdapterNameError, check_name
-from adapters.store import AdapterNotFoundError
+from adapters.store import AdapterNotFoundError, StoreWriteError
 from server.routes_common import ApiError, ServerContext, ServerSettings, get_ctx
 from server.schemas_tgi import TGIError
 
@@ -78,7 +78,8 @@ def require_admin(request: Request, ctx: ServerContext = Depends(get_ctx)) -> Se
 
 
 _ERRORS = {401: {"model": TGIError}, 403: {"model": TGIError}, 404: {"model": TGIError},
-           413: {"model": TGIError}, 422: {"model": TGIError}}
+           413: {"model": TGIError}, 422: {"model": TGIError}, 503: {"model": TGIError},
+           507: {"model": TGIError}}
 router = APIRouter(prefix="/admin", tags=["admin"], responses=_ERRORS)
 
 
@@ -86,6 +87,14 @@ def _lookup_error(e: Exception) -> ApiError:
     if isinstance(e, AdapterNameError):
         return ApiError(422, str(e), "validation", "name")
     return ApiError(404, e.args[0] if e.args else str(e), "not_found", "name")
+
+
+def _store_error(e: StoreWriteError) -> ApiError:
+    """Nothing was stored: 507 when the store is full (retrying will not help until space is
+    freed), 503 when it cannot be written at all (read-only mount, I/O error)."""
+    if e.no_space:
+        return ApiError(507, f"the adapter store is full: {e}; nothing was stored", "storage")
+    return ApiError(503, f"the adapter store cannot be written: {e}; nothing was changed", "storage")
 
 
 def _count(ctx: ServerContext, operation: str, status: int) -> None:
@@ -114,6 +123,8 @@ async def upload_adapter(name: str, file: UploadFile = File(..., description="Th
                                            allow_fingerprint_mismatch=allow_fingerprint_mismatch)
         except ValueError as e:   # AdapterValidationError and the format's own errors
             raise ApiError(422, f"invalid adapter upload: {e}", "validation", "file") from None
+        except StoreWriteError as e:
+            raise _store_error(e) from None
     except ApiError as e:
         _count(ctx, "upload", e.status)
         raise
@@ -147,8 +158,8 @@ async def delete_adapter(name: str, version: int | None = Query(None, ge=1, desc
     """Delete one version or all of them; requests already running keep their version until done."""
     try:
         removed = await run_in_threadpool(ctx.registry.delete, name, version)
-    except (AdapterNotFoundError, AdapterNameError) as e:
-        err = _lookup_error(e)
+    except (AdapterNotFoundError, AdapterNameError, StoreWriteError) as e:
+        err = _store_error(e) if isinstance(e, StoreWriteError) else _lookup_error(e)
         _count(ctx, "delete", err.status)
         raise err from None
     _count(ctx, "delete", 200)

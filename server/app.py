@@ -103,8 +103,9 @@ def _header(scope: Scope, name: bytes) -> str:
 def create_app(engine, registry, loaded, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     pool_stats = registry.stats if registry is not None else None
+    cache_failures = (lambda: registry.kv_cache_write_failures) if registry is not None else None
     ctx = ServerContext(engine=engine, registry=registry, loaded=loaded, settings=settings,
-                        metrics=ServerMetrics(engine.stats, pool_stats),
+                        metrics=ServerMetrics(engine.stats, pool_stats, cache_failures),
                         model_id=settings.model_id or loaded.name, created=int(time.time()))
     engine.add_completion_callback(ctx.metrics.observe_result)
 
@@ -157,9 +158,10 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
     @app.get("/ready", tags=["ops"], responses={503: {"description": "not ready"}})
     async def ready(c: ServerContext = Depends(get_ctx)):
         """Readiness: model loaded, engine started, not shutting down."""
-        if c.ready:
+        if c.ready and not c.draining:
             return {"status": "ready", "model": c.model_id}
-        return JSONResponse({"status": "not ready", "model": c.model_id}, status_code=503)
+        status = "draining" if c.draining else "not ready"
+        return JSONResponse({"status": status, "model": c.model_id}, status_code=503)
 
     @app.get("/metrics", tags=["ops"], response_class=Response,
              responses={200: {"content": {CONTENT_TYPE: {}}}})

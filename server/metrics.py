@@ -35,9 +35,11 @@ def adapter_label(adapter_ref: str | None) -> str:
 
 
 class _LiveStatsCollector(Collector):
-    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], PoolStats] | None):
+    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], PoolStats] | None,
+                 kv_cache_write_failures: Callable[[], int] | None):
         self._engine_stats = engine_stats
         self._pool_stats = pool_stats
+        self._kv_cache_write_failures = kv_cache_write_failures
 
     def collect(self) -> Iterable:
         s = self._engine_stats()
@@ -49,6 +51,11 @@ class _LiveStatsCollector(Collector):
                                 s.kv_slots_used / s.kv_slots_total if s.kv_slots_total else 0.0)
         yield GaugeMetricFamily(f"{PREFIX}_kv_cache_bytes", "Bytes allocated for the KV cache.", s.kv_cache_bytes)
         yield CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine forward steps.", s.steps_total)
+        if self._kv_cache_write_failures is not None:
+            yield CounterMetricFamily(f"{PREFIX}_adapter_kv_cache_write_failures",
+                                      "Adapter K/V cache files that could not be written (the upload "
+                                      "still succeeded; the K/V is recomputed on the next load).",
+                                      self._kv_cache_write_failures())
         if self._pool_stats is None:
             return
         p = self._pool_stats()
@@ -68,7 +75,8 @@ class _LiveStatsCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], PoolStats] | None):
+    def __init__(self, engine_stats: Callable[[], EngineStats], pool_stats: Callable[[], PoolStats] | None,
+                 kv_cache_write_failures: Callable[[], int] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "Finished HTTP generation requests.",
@@ -83,7 +91,7 @@ class ServerMetrics:
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated.", ["adapter"], registry=r)
         self.admin_operations = Counter(f"{PREFIX}_admin_operations", "Admin API calls.",
                                         ["operation", "status"], registry=r)
-        r.register(_LiveStatsCollector(engine_stats, pool_stats))
+        r.register(_LiveStatsCollector(engine_stats, pool_stats, kv_cache_write_failures))
 
     def observe_request(self, endpoint: str, status: int, adapter: str) -> None:
         """Count one HTTP generation request; `adapter` is a label from `adapter_label`.

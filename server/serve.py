@@ -2,8 +2,10 @@
 
 Every option can also come from an environment variable ADAPTER_SERVER_<OPTION> (dashes become
 underscores, e.g. ADAPTER_SERVER_MAX_BATCH); a flag on the command line wins over the variable.
-Shutdown (SIGINT/SIGTERM) is graceful: the listening socket closes, /ready turns 503, requests in
-flight get --shutdown-timeout seconds to finish, the rest are cancelled, then the engine stops.
+Shutdown (SIGINT/SIGTERM) drains: /ready turns 503 and new generation requests get 503 while
+the server keeps answering; requests in flight get --shutdown-grace seconds to finish; the rest
+end with an error (a final error event on streams, a 503 JSON error otherwise); then the server
+stops listening and the engine stops. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 ENV_PREFIX = "ADAPTER_SERVER_"
@@ -99,14 +102,23 @@ def register(subparsers) -> None:
     _add(p, "--model-id", None, "the base model's id in the OpenAI API", shown="the model's name")
     _add(p, "--default-max-new-tokens", 256, "tokens generated when a request sets no limit",
          type=_positive(int))
+    _add(p, "--max-new-tokens-limit", None, "most new tokens one request may ask for; more is refused "
+         "with 422 (400 on /v1) naming the field", type=_positive(int), shown="the context length")
+    _add(p, "--request-timeout", None, "seconds from submit until a generation request is ended with "
+         "504 (streams: a final error event)", type=_positive(float), shown="no deadline")
     _add(p, "--max-body-mb", 4.0, "largest JSON request body; larger ones get 413", type=_positive(float))
     _add(p, "--max-upload-mb", 64.0, "largest adapter upload; larger ones get 413", type=_positive(float))
     _add(p, "--pool-max-adapters", 64, "adapter versions kept resident on the device (LRU)",
          type=_positive(int))
     _add(p, "--pool-max-mb", 2048.0, "device memory for resident adapters", type=_positive(float))
+    _add(p, "--max-adapter-len", 256, "largest adapter_len (prompt length K) an upload may have",
+         type=_positive(int))
+    _add(p, "--max-adapter-kv-mb", 256.0, "largest prompt K/V one adapter version may take on the device "
+         "(adapted layers × K × KV heads × head dim × 2)", type=_positive(float))
     _add(p, "--store-poll-interval", 1.0, "seconds between checks for changes other replicas made to a "
          "shared store; 0 = only when a request names an adapter", type=float)
-    _add(p, "--shutdown-timeout", 30.0, "seconds in-flight requests get to finish on shutdown", type=float)
+    _add(p, "--shutdown-grace", 30.0, "seconds requests in flight get to finish after SIGTERM/SIGINT "
+         "(the rest end with a 503 error)", type=float)
     _add(p, "--log-level", "info", "logging level", type=_one_of("debug", "info", "warning", "error"),
          metavar="{debug,info,warning,error}")
     p.set_defaults(func=run)
@@ -119,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from adapters.pool import PoolConfig
     from adapters.registry import AdapterRegistry
     from adapters.store import AdapterStore
+    from adapters.validation import ValidationLimits
     from model.loading import load_model
     from server.app import ServerSettings, create_app
     from server.engine import Engine
@@ -141,9 +154,11 @@ def run(args: argparse.Namespace) -> int:
              str(model_dtype).removeprefix("torch."), loaded.fingerprint[:16])
 
     store = AdapterStore(args.store)
+    limits = ValidationLimits(max_adapter_len=args.max_adapter_len,
+                              max_kv_bytes=int(args.max_adapter_kv_mb * (1 << 20)))
     registry = AdapterRegistry(store, loaded.model, loaded.fingerprint,
                                PoolConfig(max_adapters=args.pool_max_adapters,
-                                          max_bytes=int(args.pool_max_mb * (1 << 20))))
+                                          max_bytes=int(args.pool_max_mb * (1 << 20))), limits)
     adapters = store.list()
     log.info("adapter store %s: %d adapter(s)%s", store.root, len(adapters),
              (": " + ", ".join(a.latest.ref for a in adapters[:20])) if adapters else "")
@@ -162,15 +177,18 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         admin_token=args.admin_token or None, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-        default_max_new_tokens=args.default_max_new_tokens, model_id=args.model_id)
+        default_max_new_tokens=args.default_max_new_tokens, max_new_tokens_limit=args.max_new_tokens_limit,
+        request_timeout_s=args.request_timeout, model_id=args.model_id)
     app = create_app(engine, registry, loaded, settings)
     log.info("OpenAI model id %r; admin API %s; listening on http://%s:%d", app.state.ctx.model_id,
              "on" if settings.admin_token else "off (no --admin-token)", args.host, args.port)
+    # By the time uvicorn is told to exit the requests have drained (see _drain): what is left is
+    # idle keep-alive connections and answers being written.
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout, log_config=None))
+        timeout_graceful_shutdown=_WRITE_OUT_S, log_config=None))
     try:
-        _serve_until_signalled(server, engine)
+        _serve_until_signalled(server, engine, app.state.ctx, args.shutdown_grace)
     finally:
         engine.shutdown(graceful=True)
         if watcher is not None:
@@ -179,16 +197,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_until_signalled(server, engine) -> None:
-    """Run uvicorn in a thread and the engine on this one until uvicorn has drained; turn
-    SIGINT/SIGTERM into uvicorn's graceful exit (a second signal forces it). uvicorn's own
-    handling re-raises the signal once it has drained, which would kill the process before the
-    engine and the store watcher are shut down. The engine keeps the main thread because the
-    model was loaded on it (see Engine.run_here)."""
+_WRITE_OUT_S = 5.0     # after the grace period: time for stopped requests to write their error
+
+
+def _drain(server, ctx, grace: float) -> None:
+    """Let requests in flight finish for up to `grace` seconds, end the rest with an error,
+    then let uvicorn exit. Until then it keeps answering (so /ready says 503 instead of
+    refusing connections, and streams can send their last event)."""
+    from server.routes_common import SHUTTING_DOWN, ApiError  # noqa: PLC0415
+
+    deadline = time.monotonic() + grace
+    while ctx.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ctx.in_flight:
+        stopped = ctx.stop_all(ApiError(
+            503, f"{SHUTTING_DOWN}: the request did not finish within the shutdown grace period of "
+                 f"{grace:g} s", "unavailable"))
+        log.warning("shutdown grace period over: ending %d request(s) still running", stopped)
+        deadline = time.monotonic() + _WRITE_OUT_S
+        while ctx.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+    server.should_exit = True
+
+
+def _serve_until_signalled(server, engine, ctx, grace: float) -> None:
+    """Run uvicorn in a thread and the engine on this one until uvicorn has exited. The first
+    SIGINT/SIGTERM starts draining (see _drain); a second one exits at once. The engine keeps
+    the main thread because the model was loaded on it (see Engine.run_here)."""
     def on_signal(signum, frame) -> None:
-        log.info("%s: shutting down (again to force)", signal.Signals(signum).name)
-        server.force_exit = server.should_exit
-        server.should_exit = True
+        name = signal.Signals(signum).name
+        if ctx.draining:
+            log.info("%s again: exiting now", name)
+            server.force_exit = server.should_exit = True
+            return
+        ctx.draining = True
+        log.info("%s: draining; %d request(s) in flight get up to %g s (again to exit now)",
+                 name, ctx.in_flight, grace)
+        threading.Thread(target=_drain, args=(server, ctx, grace), name="drain", daemon=True).start()
 
     def run_http() -> None:
         # Torch work on the HTTP side (adapter uploads and K/V loads) runs single-threaded, and
