@@ -16,8 +16,8 @@ from model.chat_template import ChatTemplateError
 from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
                                   encode_prompt, engine_error, error_body, finite_logprob, get_ctx,
                                   resolve_max_new_tokens, sse, start_counted, submit)
-from server.schemas_openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
-                                   ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs,
+from server.schemas_openai import (COMPLETIONS_DEFAULT_MAX_TOKENS, AssistantMessage, ChatChoice,
+                                   ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs,
                                    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                    ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage,
                                    SamplingFields)
@@ -101,7 +101,7 @@ class _Call:
                 self.prompt_text, self.prompt_ids = self._completion_prompt(body)
                 self.want_logprobs = body.logprobs is not None
                 top = body.logprobs or 0
-                max_tokens = body.max_tokens
+                max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
             self.params = _sampling_params(ctx, body, max_tokens, top, len(self.prompt_ids))
         except InvalidRequestError as e:
             raise engine_error(e, ctx.settings, 400, self.field_names) from None

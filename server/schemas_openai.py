@@ -3,7 +3,7 @@
 The adapter is chosen by `model`: the base model's id means no adapter, "name" the adapter's
 latest version, "name@N" version N. Fields OpenAI defines that this server cannot honour are
 declared so that a non-default value is refused with a 400 naming it; unknown fields are
-ignored, as OpenAI-compatible servers do.
+ignored, as OpenAI-compatible servers do. Types are strict: `"4"` is not a number.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions (also for an explicit null)
 
 
 class StreamOptions(BaseModel):
@@ -38,7 +41,7 @@ class ChatMessage(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by chat and legacy completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(..., description="Base model id, or adapter 'name' / 'name@version'.")
     temperature: float | None = Field(None, description="0 = greedy; default 1.")
@@ -80,7 +83,7 @@ class CompletionRequest(SamplingFields):
     ]})
 
     prompt: str | list[str] | list[int] = Field(..., description="One prompt: text, [text] or token ids.")
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(COMPLETIONS_DEFAULT_MAX_TOKENS, description="null = 16, as OpenAI.")
     logprobs: int | None = Field(None, description="0..20 alternatives per token (legacy format).")
     echo: bool = Field(False, description="Prepend the prompt to the returned text.")
     suffix: str | None = Field(None, description="Not supported; must be null.")

@@ -2,7 +2,8 @@
 
 Field names and shapes follow what the `text-generation` and `lorax-client` packages send and
 validate. Every parameter either of them sends is declared here, so each one is either honoured
-or refused with a 422 naming it; parameters neither sends are ignored, as TGI does.
+or refused with a 422 naming it; parameters neither sends are ignored, as TGI does. Types are
+strict: `"4"` is not a number (an integer field also refuses 4.0; a float field takes 4).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ TGIFinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
 class TGIParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     adapter_id: str | None = Field(None, description="Adapter name or name@version; null = base model.")
     adapter_source: str | None = Field(
@@ -47,7 +48,7 @@ class TGIParameters(BaseModel):
 
 
 class TGIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"examples": [
         {"inputs": "What is LLaMA-Adapter?", "parameters": {"max_new_tokens": 32, "details": True}},
         {"inputs": "Translate to French: cheese", "adapter_id": "my-adapter@2",
          "parameters": {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["\n"]}},

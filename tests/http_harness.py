@@ -33,6 +33,11 @@ class LiveServer:
     registry: AdapterRegistry
     loaded: object
     app: object
+    server: uvicorn.Server
+
+    @property
+    def ctx(self):
+        return self.app.state.ctx
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
@@ -104,7 +109,7 @@ def live_server(loaded, store_dir: Path, *, start_engine: bool = True,
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", engine, registry, loaded, app)
+        yield LiveServer(f"http://127.0.0.1:{port}", engine, registry, loaded, app, server)
     finally:
         server.should_exit = True
         thread.join(30)
