@@ -82,11 +82,23 @@ def compute_adapter_kv(model, weights: AdapterWeights) -> AdapterKV:
 
 
 @dataclass
+class AdapterRows:
+    """Prompt keys/values for some rows of a batch, padded to one length."""
+
+    keys: torch.Tensor               # [b, Hkv, K, D]
+    values: torch.Tensor             # [b, Hkv, K, D]
+    gates: torch.Tensor              # [b, H, 1, 1]
+    key_mask: torch.Tensor | None    # [b, K] bool, True = real prompt (only when lengths differ)
+    rows: torch.Tensor | None        # which batch rows, ascending; None = all of them
+
+
+@dataclass
 class LayerAdapterInputs:
-    keys: torch.Tensor               # [B, Hkv, K, D]
-    values: torch.Tensor             # [B, Hkv, K, D]
-    gates: torch.Tensor              # [B, H, 1, 1]
-    key_mask: torch.Tensor | None    # [B, K] bool, True = real prompt (only when K differs)
+    """One layer's adapters for a batch: rows grouped by prompt length, so that a row with a
+    short prompt never pays for a long one in another row (a group's longest prompt is at most
+    twice its shortest). Rows whose adapter skips the layer, or that have none, are in no group."""
+
+    groups: list[AdapterRows]
 
 
 class AdapterBatch:
@@ -100,48 +112,54 @@ class AdapterBatch:
 
     @classmethod
     def build(cls, entries: list[AdapterKV | None], n_layers: int) -> "AdapterBatch | None":
-        """Stack the adapters of a batch's sequences. Returns None when no sequence has one.
-
-        A layer's inputs cover every row: rows whose adapter skips that layer (or that have
-        none) get zero keys/values and a zero gate, which adds exactly nothing."""
+        """Stack the adapters of a batch's sequences. Returns None when no sequence has one."""
         real = [e for e in entries if e is not None]
         if not real:
             return None
-        ref = real[0]
-        k_max = max(e.adapter_len for e in real)
-        _, hkv, _, hd = ref.keys.shape
-        h = ref.gates.shape[1]
-        zero_kv = ref.keys.new_zeros(hkv, k_max, hd)
-        zero_gate = ref.gates.new_zeros(h)
-        rows = [{layer: i for i, layer in enumerate(e.layers)} if e is not None else {} for e in entries]
-        per_layer = {}
+        device = real[0].keys.device
+        per_layer: dict[int, LayerAdapterInputs] = {}
         for layer in sorted(set().union(*(e.layers for e in real))):
             if layer >= n_layers:
                 raise ValueError(f"adapter layer {layer} does not exist in a {n_layers}-layer model")
-            keys, values, gates = [], [], []
-            for e, index in zip(entries, rows):
-                i = index.get(layer)
-                if i is None:
-                    keys.append(zero_kv), values.append(zero_kv), gates.append(zero_gate)
-                    continue
-                pad = k_max - e.adapter_len
-                keys.append(_pad_len(e.keys[i], pad)), values.append(_pad_len(e.values[i], pad))
-                gates.append(e.gates[i])
-            per_layer[layer] = (torch.stack(keys), torch.stack(values), torch.stack(gates)[..., None, None])
-        lengths = [e.adapter_len if e is not None else k_max for e in entries]
-        key_mask = None
-        if any(n != k_max for n in lengths):
-            key_mask = torch.arange(k_max, device=ref.keys.device)[None, :] < torch.tensor(
-                lengths, device=ref.keys.device)[:, None]
-        return cls({layer: LayerAdapterInputs(k, v, g, key_mask) for layer, (k, v, g) in per_layer.items()})
+            using = [(row, e, e.layers.index(layer)) for row, e in enumerate(entries)
+                     if e is not None and layer in e.layers]
+            groups = []
+            for bucket in _length_buckets(using):
+                k_max = max(e.adapter_len for _, e, _ in bucket)
+                keys = torch.stack([_pad_len(e.keys[i], k_max - e.adapter_len) for _, e, i in bucket])
+                values = torch.stack([_pad_len(e.values[i], k_max - e.adapter_len) for _, e, i in bucket])
+                gates = torch.stack([e.gates[i] for _, e, i in bucket])[..., None, None]
+                lengths = [e.adapter_len for _, e, _ in bucket]
+                key_mask = None
+                if min(lengths) != k_max:
+                    key_mask = torch.arange(k_max, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+                rows = [row for row, _, _ in bucket]
+                every_row = rows == list(range(len(entries)))
+                groups.append(AdapterRows(keys, values, gates, key_mask,
+                                          None if every_row else torch.tensor(rows, device=device)))
+            per_layer[layer] = LayerAdapterInputs(groups)
+        return cls(per_layer)
 
     @classmethod
     def broadcast(cls, kv: AdapterKV, batch_size: int) -> "AdapterBatch":
         """One adapter shared by the whole batch (training); keeps the autograd graph."""
-        return cls({layer: LayerAdapterInputs(
+        return cls({layer: LayerAdapterInputs([AdapterRows(
             kv.keys[i].expand(batch_size, -1, -1, -1), kv.values[i].expand(batch_size, -1, -1, -1),
-            kv.gates[i].view(1, -1, 1, 1).expand(batch_size, -1, -1, -1), None)
+            kv.gates[i].view(1, -1, 1, 1).expand(batch_size, -1, -1, -1), None, None)])
             for i, layer in enumerate(kv.layers)})
+
+
+def _length_buckets(using: list[tuple[int, AdapterKV, int]]) -> list[list[tuple[int, AdapterKV, int]]]:
+    """Split (row, adapter, layer index) by prompt length into buckets whose longest prompt is at
+    most twice the shortest, each in row order: the padding a bucket costs stays under 2×, and
+    the usual batch (a few similar lengths) stays one bucket, one attention call."""
+    buckets: list[list] = []
+    for item in sorted(using, key=lambda x: x[1].adapter_len):
+        if buckets and item[1].adapter_len <= 2 * buckets[-1][0][1].adapter_len:
+            buckets[-1].append(item)
+        else:
+            buckets.append([item])
+    return [sorted(b, key=lambda x: x[0]) for b in buckets]
 
 
 def _pad_len(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -152,12 +170,22 @@ def _pad_len(t: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def adapter_attention(q: torch.Tensor, a: LayerAdapterInputs) -> torch.Tensor:
-    """Gated attention of queries q [B, H, T, D] over the prompt keys/values → [B, H, T, D]."""
+    """Gated attention of queries q [B, H, T, D] over the prompt keys/values → [B, H, T, D]
+    (zero for rows in no group)."""
+    if len(a.groups) == 1 and a.groups[0].rows is None:
+        return _attend(q, a.groups[0])
+    out = torch.zeros_like(q)
+    for g in a.groups:
+        out.index_copy_(0, g.rows, _attend(q.index_select(0, g.rows), g))
+    return out
+
+
+def _attend(q: torch.Tensor, a: AdapterRows) -> torch.Tensor:
     b, h, t, d = q.shape
     hkv = a.keys.shape[1]
     # Query heads sharing a KV head are folded together so GQA needs no key repetition.
     qg = q.reshape(b, hkv, (h // hkv) * t, d)
-    scores = (qg @ a.keys.transpose(-1, -2)).float() * (d ** -0.5)   # [B, Hkv, gT, K]
+    scores = (qg @ a.keys.transpose(-1, -2)).float() * (d ** -0.5)   # [b, Hkv, gT, K]
     if a.key_mask is not None:
         scores = scores.masked_fill(~a.key_mask[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
