@@ -17,9 +17,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import admin, routes_openai, routes_tgi
+from server.api_keys import ApiKeys
+from server.auth import ReleaseSlots, inference_key
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.routes_common import ApiError, ClientDisconnected, ServerContext, ServerSettings, get_ctx
 from server.routes_openai import openai_error_body
+from server.schemas_openai import ErrorResponse
+from server.schemas_tgi import TGIError
 
 __all__ = ["create_app", "ServerSettings"]
 
@@ -99,8 +103,10 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
     pool_stats = registry.stats if registry is not None else None
     ctx = ServerContext(engine=engine, registry=registry, loaded=loaded, settings=settings,
                         metrics=ServerMetrics(engine.stats, pool_stats),
-                        model_id=settings.model_id or loaded.name, created=int(time.time()))
+                        model_id=settings.model_id or loaded.name, created=int(time.time()),
+                        auth=ApiKeys(settings.api_keys, settings.api_keys_file))
     engine.add_completion_callback(ctx.metrics.observe_result)
+    engine.add_completion_callback(ctx.auth.on_result)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -145,8 +151,11 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
         """Prometheus exposition."""
         return Response(c.metrics.render(), media_type=CONTENT_TYPE)
 
-    app.include_router(routes_tgi.router)
-    app.include_router(routes_openai.router)
+    # Inference needs an API key when keys are configured; health, readiness and metrics never do.
+    for router, error_model in ((routes_tgi.router, TGIError), (routes_openai.router, ErrorResponse)):
+        app.include_router(router, dependencies=[Depends(inference_key)],
+                           responses={401: {"model": error_model}, 429: {"model": error_model}})
     app.include_router(admin.router)
+    app.add_middleware(ReleaseSlots)
     app.add_middleware(BodySizeLimit, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes)
     return app

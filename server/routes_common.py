@@ -17,6 +17,7 @@ from starlette.responses import StreamingResponse
 from adapters.names import AdapterNameError
 from adapters.store import AdapterNotFoundError, StoreCorruptError
 from adapters.validation import AdapterValidationError
+from server.api_keys import check_adapter, current_tenant
 from server.metrics import UNKNOWN_LABEL, ServerMetrics, adapter_label
 from server.types import (EngineClosedError, EngineError, EngineOverloadedError, GenerationRequest,
                           GenerationResult, InvalidRequestError, SamplingParams)
@@ -32,6 +33,8 @@ class ServerSettings:
     default_max_new_tokens: int = 256      # when a request names no limit (capped by the context)
     retry_after_s: int = 1                 # Retry-After on 503 when the queue is full
     model_id: str | None = None            # OpenAI id of the base model; None = the loaded model's name
+    api_keys: tuple[str, ...] = ()         # inference keys (tenant "default", every adapter)
+    api_keys_file: str | None = None       # keys file (server/api_keys.py); no keys at all = open inference
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ServerContext:
     model_id: str
     ready: bool = False
     created: int = 0                       # unix time the app was built (OpenAI `created`)
+    auth: Any = None                       # server.api_keys.ApiKeys
 
     @property
     def tokenizer(self):
@@ -117,6 +121,10 @@ async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | No
     system_fingerprint) names the version that actually serves it, even if an upload lands
     between this call and the engine's. A version not yet on the device is loaded here, in a
     worker thread, so reading its file and computing its K/V never stalls the event loop."""
+    try:
+        check_adapter(requested)   # before the store: a key's forbidden adapter reads as missing
+    except AdapterNotFoundError as e:
+        raise engine_error(e, ctx.settings) from None
     if requested is None:
         return None
     if ctx.registry is None:
@@ -142,7 +150,9 @@ def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, ad
     """Validate and enqueue; raise ApiError for anything the caller did wrong or overload."""
     try:
         params.validate()
-        return ctx.engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter_ref))
+        request = GenerationRequest(prompt_ids, params, adapter=adapter_ref, tenant=current_tenant())
+        with ctx.auth.charging_caller(request.request_id):
+            return ctx.engine.submit(request)
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, InvalidRequestError,
             EngineOverloadedError, EngineClosedError, EngineError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings, validation_status, field_names) from None

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from model.chat_template import ChatTemplateError
+from server.api_keys import may_list
 from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
                                   encode_prompt, engine_error, finite_logprob, get_ctx,
                                   resolve_max_new_tokens, sse, start_counted, submit)
@@ -257,12 +258,12 @@ def _stream(ctx: ServerContext, call: _Call, handle, endpoint: str, label: str) 
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
-                 503: "server_overloaded"}
+                 429: "rate_limit_error", 503: "server_overloaded"}
 
 
 def openai_error_body(err: ApiError) -> ErrorResponse:
     code = {"not_found": "model_not_found", "overloaded": "server_overloaded",
-            "too_large": "request_too_large"}.get(err.kind)
+            "too_large": "request_too_large", "rate_limited": "rate_limit_exceeded"}.get(err.kind)
     param = "model" if err.kind == "not_found" else err.param
     return ErrorResponse(error={"message": err.message, "type": _OPENAI_TYPES.get(err.status, "server_error"),
                                 "param": param, "code": code})
@@ -282,10 +283,13 @@ async def completions(request: Request, body: CompletionRequest, ctx: ServerCont
 
 @router.get("/models", response_model=ModelList)
 async def list_models(ctx: ServerContext = Depends(get_ctx)) -> ModelList:
-    """The base model (no adapter) and every stored adapter, by the ids `model` accepts."""
-    cards = [ModelCard(id=ctx.model_id, created=ctx.created, owned_by="adapter-server", root=ctx.model_id)]
+    """The base model (no adapter) and every stored adapter, by the ids `model` accepts (with API
+    keys: those the key may use)."""
+    cards = []
+    if may_list(None):
+        cards.append(ModelCard(id=ctx.model_id, created=ctx.created, owned_by="adapter-server", root=ctx.model_id))
     if ctx.registry is not None:
-        for info in ctx.registry.list():
+        for info in filter(lambda a: may_list(a.name), ctx.registry.list()):
             cards.append(ModelCard(id=info.name, created=int(info.versions[0].created), owned_by="adapter-server",
                                    root=info.latest.ref, parent=ctx.model_id))
     return ModelList(data=cards)

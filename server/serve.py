@@ -49,6 +49,10 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _split_keys(text: str | None) -> list[str]:
+    return [k.strip() for k in (text or "").split(",") if k.strip()]
+
+
 def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
@@ -84,6 +88,12 @@ def register(subparsers) -> None:
     _add(p, "--host", "127.0.0.1", "address to listen on (0.0.0.0 accepts remote clients)")
     _add(p, "--port", 8000, "TCP port", type=int)
     _add(p, "--admin-token", None, "bearer token for the /admin routes; unset = admin API off")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="an inference API key (repeatable; tenant 'default', every adapter); with any key or "
+                        "keys file, inference needs 'Authorization: Bearer <key>'. The variable holds "
+                        f"comma-separated keys; flags replace it [env {env_name('--api-key')}; default: unset]")
+    _add(p, "--api-keys-file", None, "JSON or TOML file of hashed inference keys with tenants, adapter "
+         "patterns, limits and tenant admin keys (docs/api-keys.md); re-read when it changes")
     _add(p, "--max-batch", 8, "concurrent sequences (KV-cache slots)", type=_positive(int))
     _add(p, "--max-seq-len", None, "prompt + generated tokens per sequence", type=_positive(int),
          shown="the model's context, at most 4096")
@@ -162,10 +172,17 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         admin_token=args.admin_token or None, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-        default_max_new_tokens=args.default_max_new_tokens, model_id=args.model_id)
+        default_max_new_tokens=args.default_max_new_tokens, model_id=args.model_id,
+        api_keys=tuple(args.api_key or _split_keys(os.environ.get(env_name("--api-key")))),
+        api_keys_file=args.api_keys_file or None)
     app = create_app(engine, registry, loaded, settings)
+    keys = app.state.ctx.auth
     log.info("OpenAI model id %r; admin API %s; listening on http://%s:%d", app.state.ctx.model_id,
-             "on" if settings.admin_token else "off (no --admin-token)", args.host, args.port)
+             "on" if settings.admin_token or keys.keys_file else "off (no --admin-token)", args.host, args.port)
+    if keys.configured:
+        log.info("inference needs an API key: %s", keys.describe())
+    else:
+        log.warning("inference is open to anyone who reaches the port: no --api-key or --api-keys-file")
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=args.shutdown_timeout, log_config=None))
