@@ -49,8 +49,11 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _split_keys(text: str | None) -> list[str]:
-    return [k.strip() for k in (text or "").split(",") if k.strip()]
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key flags, else the comma-separated keys of ADAPTER_SERVER_API_KEY."""
+    if args.api_key:
+        return tuple(args.api_key)
+    return tuple(k.strip() for k in os.environ.get(env_name("--api-key"), "").split(",") if k.strip())
 
 
 def env_name(flag: str) -> str:
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         admin_token=args.admin_token or None, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         default_max_new_tokens=args.default_max_new_tokens, model_id=args.model_id,
-        api_keys=tuple(args.api_key or _split_keys(os.environ.get(env_name("--api-key")))),
+        api_keys=api_keys(args),
         api_keys_file=args.api_keys_file or None)
     app = create_app(engine, registry, loaded, settings)
     keys = app.state.ctx.auth
