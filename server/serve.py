@@ -90,7 +90,8 @@ def register(subparsers) -> None:
     _add(p, "--store", None, "adapter store directory", shown="the per-user data directory")
     _add(p, "--host", "127.0.0.1", "address to listen on (0.0.0.0 accepts remote clients)")
     _add(p, "--port", 8000, "TCP port", type=int)
-    _add(p, "--admin-token", None, "bearer token for the /admin routes; unset = admin API off")
+    _add(p, "--admin-token", None, "bearer token for every /admin route (tenant admin keys live in "
+         "--api-keys-file); unset and no keys file = admin API off")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="an inference API key (repeatable; tenant 'default', every adapter); with any key or "
                         "keys file, inference needs 'Authorization: Bearer <key>'. The variable holds "
