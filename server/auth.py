@@ -27,6 +27,7 @@ from server.routes_common import ApiError, ServerContext, get_ctx
 
 ADMIN_ENV_HINT = "start the server with --admin-token or ADAPTER_SERVER_ADMIN_TOKEN"
 _SLOTS = "adapter_server.release"     # scope key: callbacks run after the response is sent
+# Only declares the scheme in the OpenAPI schema; `_bearer_token` reads the header for both kinds.
 _bearer = HTTPBearer(auto_error=False, description="an inference API key (when the server has keys)")
 
 

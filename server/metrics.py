@@ -89,6 +89,8 @@ class ServerMetrics:
         self.auth_rejected = Counter(f"{PREFIX}_auth_rejected_requests", "Inference requests refused by the "
                                      "API key check (401) or a key's limits (429).", ["tenant", "reason"],
                                      registry=r)
+        for reason in ("missing_key", "invalid_key"):   # exposed at 0 from the start, for alerts
+            self.auth_rejected.labels("", reason)
         self.admin_operations = Counter(f"{PREFIX}_admin_operations", "Admin API calls.",
                                         ["operation", "status"], registry=r)
         r.register(_LiveStatsCollector(engine_stats, pool_stats))

@@ -263,7 +263,8 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
 
 def openai_error_body(err: ApiError) -> ErrorResponse:
     code = {"not_found": "model_not_found", "overloaded": "server_overloaded",
-            "too_large": "request_too_large", "rate_limited": "rate_limit_exceeded"}.get(err.kind)
+            "too_large": "request_too_large", "rate_limited": "rate_limit_exceeded",
+            "auth": "invalid_api_key"}.get(err.kind)
     param = "model" if err.kind == "not_found" else err.param
     return ErrorResponse(error={"message": err.message, "type": _OPENAI_TYPES.get(err.status, "server_error"),
                                 "param": param, "code": code})
