@@ -33,7 +33,9 @@ _bearer = HTTPBearer(auto_error=False, description="an inference API key (when t
 
 def _bearer_token(request: Request) -> str | None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return given.strip() or None if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":
+        return None
+    return given.strip() or None
 
 
 def _unauthorized(message: str) -> ApiError:
@@ -44,9 +46,9 @@ async def inference_key(request: Request, _: HTTPAuthorizationCredentials | None
                         ctx: ServerContext = Depends(get_ctx)) -> None:
     """Router dependency of the inference routes (async: it must run in the request's own
     context for `current_caller` to reach the route)."""
-    keys: ApiKeys | None = ctx.auth
+    keys: ApiKeys = ctx.auth
     current_caller.set(None)
-    if keys is None or not keys.configured:
+    if not keys.configured:
         return
     given = _bearer_token(request)
     if given is None:
@@ -90,9 +92,9 @@ class ReleaseSlots:
 async def admin_caller(request: Request, ctx: ServerContext) -> None:
     """Authenticate an /admin request: the global token (every adapter) or a tenant admin key
     (its patterns only, via `current_caller`). 401 without a token, 403 for a wrong one."""
-    keys: ApiKeys | None = ctx.auth
+    keys: ApiKeys = ctx.auth
     current_caller.set(None)
-    tenant_admins = keys is not None and keys.keys_file is not None
+    tenant_admins = keys.keys_file is not None
     if not ctx.settings.admin_token and not tenant_admins:
         raise ApiError(403, f"the admin API is disabled: {ADMIN_ENV_HINT}", "auth")
     given = _bearer_token(request)

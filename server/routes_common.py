@@ -47,7 +47,7 @@ class ServerContext:
     model_id: str
     ready: bool = False
     created: int = 0                       # unix time the app was built (OpenAI `created`)
-    auth: Any = None                       # server.api_keys.ApiKeys
+    auth: Any = None                       # server.api_keys.ApiKeys (create_app always sets it)
 
     @property
     def tokenizer(self):
