@@ -88,8 +88,11 @@ def test_missing_and_wrong_keys_are_401_on_every_inference_route(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         client(server, "sk-wrong").models.list()
-    for path in ("/health", "/ready", "/metrics"):   # operations stay open
+    for path in ("/health", "/ready", "/metrics", "/openapi.json"):   # operations stay open
         assert httpx.get(server.url + path).status_code == 200, path
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert paths["/generate"]["post"]["security"] == paths["/v1/models"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in paths["/health"]["get"]
     assert server.metric("adapter_server_auth_rejected_requests_total", reason="missing_key") >= 6
     assert server.metric("adapter_server_auth_rejected_requests_total", reason="invalid_key") >= 16
 
