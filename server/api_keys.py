@@ -118,18 +118,17 @@ def parse_keys_file(path: Path) -> tuple[KeyEntry, ...]:
         data = path.read_bytes()
     except OSError as e:
         raise KeysFileError(f"cannot read keys file {path}: {e.strerror or e}") from None
+    toml = path.suffix.lower() == ".toml"
+    if toml and sys.version_info < (3, 11):
+        raise KeysFileError(f"{path}: TOML keys files need Python 3.11+ (tomllib); use JSON")
     try:
-        if path.suffix.lower() == ".toml":
-            if sys.version_info < (3, 11):
-                raise KeysFileError(f"{path}: TOML keys files need Python 3.11+ (tomllib); use JSON")
+        if toml:
             import tomllib  # noqa: PLC0415 (3.11+ only)
             doc = tomllib.loads(data.decode("utf-8"))
         else:
             doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError and TOMLDecodeError are ValueErrors
-        if isinstance(e, KeysFileError):
-            raise
-        raise KeysFileError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {e}") from None
+    except ValueError as e:   # JSONDecodeError, TOMLDecodeError and UnicodeDecodeError all are
+        raise KeysFileError(f"{path}: not valid {'TOML' if toml else 'JSON'}: {e}") from None
     if not isinstance(doc, dict) or set(doc) != {"keys"} or not isinstance(doc["keys"], list):
         raise KeysFileError(f"{path}: expected exactly one top-level 'keys' list")
     entries = tuple(_entry(raw, f"{path}: keys[{i}]") for i, raw in enumerate(doc["keys"]))
