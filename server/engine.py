@@ -459,14 +459,12 @@ class Engine:
         self._counters["requests_finished_total"] += 1
         if reason == "cancelled":
             self._counters["requests_cancelled_total"] += 1
-        # Callbacks first: once the caller has its answer, metrics and a key's token charge
-        # already include this request (a client's next request is checked against them).
+        self._post(a.handle, result)
         for fn in self._callbacks:
             try:
                 fn(result)
             except Exception:
                 log.exception("completion callback failed")
-        self._post(a.handle, result)
 
     def _fail_running(self, error: EngineError) -> None:
         for seq in list(self.scheduler.running):
