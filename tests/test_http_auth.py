@@ -5,6 +5,7 @@ inference without keys; plus the keys file's parsing and the token window's arit
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -285,3 +286,18 @@ def test_token_window_retry_after_is_when_enough_tokens_expire():
     assert e.value.retry_after_s == 20 and e.value.limit == "tokens_per_minute"   # at 60 s the first 60 expire
     usage.admit(entry, 1, now=WINDOW_S + 0.5)      # 50 left in the window
     assert usage.in_flight == 1
+
+
+def test_keys_commands_make_entries_the_server_accepts(tmp_path, capsys, monkeypatch):
+    args = build_parser().parse_args(["keys", "new", "--tenant", "team-a", "--adapters", "team-a-*"])
+    assert args.func(args) == 0
+    out, err = capsys.readouterr()
+    key = err.rsplit(" ", 1)[-1].strip()
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [json.loads(out)]}))
+    (entry,) = parse_keys_file(path)
+    assert entry.sha256 == key_hash(key) and entry.adapters == ("team-a-*",) and key not in out
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{key}\n\n"))
+    args = build_parser().parse_args(["keys", "hash"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.split() == [key_hash(key)]
