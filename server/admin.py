@@ -2,25 +2,25 @@
 
 The token is separate from any inference credential. Without one configured the routes are
 off and say so (403); a missing token is a 401, a wrong one a 403, compared in constant time.
+Besides the global --admin-token, a keys file may hold tenant admin keys that see and manage
+only the adapters matching their patterns (server/auth.py).
 An upload is validated by the registry before it becomes a version, so a bad file never
 replaces the version being served; the new version is servable when the 201 returns.
 """
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from adapters.names import AdapterNameError, check_name
+from adapters.names import AdapterNameError, check_name, format_ref
 from adapters.store import AdapterNotFoundError, StoreWriteError
-from server.routes_common import ApiError, ServerContext, ServerSettings, get_ctx
+from server.api_keys import check_adapter, may_list
+from server.auth import admin_caller, check_admin_upload
+from server.routes_common import ApiError, ServerContext, get_ctx
 from server.schemas_tgi import TGIError
-
-ENV_HINT = "start the server with --admin-token or ADAPTER_SERVER_ADMIN_TOKEN"
 
 
 class VersionOut(BaseModel):
@@ -53,25 +53,8 @@ class DeletedOut(BaseModel):
     deleted: list[VersionOut]
 
 
-def admin_auth_error(settings: ServerSettings, authorization: str) -> ApiError | None:
-    """Why an Authorization header value does not open the admin API (None = it does). Checked
-    by the app's middleware before a body is read, and again by the routes' dependency."""
-    token = settings.admin_token
-    if not token:
-        return ApiError(403, f"the admin API is disabled: {ENV_HINT}", "auth")
-    scheme, _, given = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        return ApiError(401, "admin token required: send 'Authorization: Bearer <token>'", "auth",
-                        headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        return ApiError(403, "admin token rejected", "auth")
-    return None
-
-
-def require_admin(request: Request, ctx: ServerContext = Depends(get_ctx)) -> ServerContext:
-    refused = admin_auth_error(ctx.settings, request.headers.get("authorization", ""))
-    if refused is not None:
-        raise refused
+async def require_admin(request: Request, ctx: ServerContext = Depends(get_ctx)) -> ServerContext:
+    await admin_caller(request, ctx)
     if ctx.registry is None:
         raise ApiError(404, "this server has no adapter store", "not_found")
     return ctx
@@ -113,6 +96,7 @@ async def upload_adapter(name: str, file: UploadFile = File(..., description="Th
             check_name(name)
         except AdapterNameError as e:
             raise ApiError(422, str(e), "validation", "name") from None
+        check_admin_upload(name)
         if name == ctx.model_id:
             raise ApiError(422, f"{name!r} is the base model's id; pick another adapter name", "validation",
                            "name")
@@ -136,13 +120,14 @@ async def upload_adapter(name: str, file: UploadFile = File(..., description="Th
 async def list_adapters(ctx: ServerContext = Depends(require_admin)):
     """Every adapter with all its versions."""
     _count(ctx, "list", 200)
-    return {"adapters": [a.to_dict() for a in ctx.registry.list()]}
+    return {"adapters": [a.to_dict() for a in ctx.registry.list() if may_list(a.name)]}
 
 
 @router.get("/adapters/{name}", response_model=AdapterOut)
 async def show_adapter(name: str, ctx: ServerContext = Depends(require_admin)):
     """One adapter and all its versions."""
     try:
+        check_adapter(name)   # a tenant admin's view: other tenants' adapters read as missing
         info = ctx.registry.info(name)
     except (AdapterNotFoundError, AdapterNameError) as e:
         err = _lookup_error(e)
@@ -157,6 +142,7 @@ async def delete_adapter(name: str, version: int | None = Query(None, ge=1, desc
                          ctx: ServerContext = Depends(require_admin)):
     """Delete one version or all of them; requests already running keep their version until done."""
     try:
+        check_adapter(name if version is None else format_ref(name, version))
         removed = await run_in_threadpool(ctx.registry.delete, name, version)
     except (AdapterNotFoundError, AdapterNameError, StoreWriteError) as e:
         err = _store_error(e) if isinstance(e, StoreWriteError) else _lookup_error(e)

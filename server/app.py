@@ -19,9 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import admin, routes_openai, routes_tgi
+from server.api_keys import ApiKeys
+from server.auth import ReleaseSlots, admin_refusal, inference_key
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.routes_common import (ApiError, ClientDisconnected, ServerContext, ServerSettings, error_response,
                                   get_ctx, is_openai_path)
+from server.schemas_openai import ErrorResponse
+from server.schemas_tgi import TGIError
 
 __all__ = ["create_app", "ServerSettings"]
 
@@ -58,7 +62,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if path.startswith("/admin/"):
-            refused = admin.admin_auth_error(self.settings, _header(scope, b"authorization"))
+            refused, _ = admin_refusal(scope["app"].state.ctx, _header(scope, b"authorization"))
             if refused is not None:
                 return await error_response(path, refused)(scope, receive, send)
         is_upload = scope["method"] == "PUT" and _UPLOAD_ROUTE.fullmatch(path) is not None
@@ -106,8 +110,10 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
     cache_failures = (lambda: registry.kv_cache_write_failures) if registry is not None else None
     ctx = ServerContext(engine=engine, registry=registry, loaded=loaded, settings=settings,
                         metrics=ServerMetrics(engine.stats, pool_stats, cache_failures),
-                        model_id=settings.model_id or loaded.name, created=int(time.time()))
+                        model_id=settings.model_id or loaded.name, created=int(time.time()),
+                        auth=ApiKeys(settings.api_keys, settings.api_keys_file))
     engine.add_completion_callback(ctx.metrics.observe_result)
+    engine.add_completion_callback(ctx.auth.on_result)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -169,8 +175,11 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
         """Prometheus exposition."""
         return Response(c.metrics.render(), media_type=CONTENT_TYPE)
 
-    app.include_router(routes_tgi.router)
-    app.include_router(routes_openai.router)
+    # Inference needs an API key when keys are configured; health, readiness and metrics never do.
+    for router, error_model in ((routes_tgi.router, TGIError), (routes_openai.router, ErrorResponse)):
+        app.include_router(router, dependencies=[Depends(inference_key)],
+                           responses={401: {"model": error_model}, 429: {"model": error_model}})
     app.include_router(admin.router)
+    app.add_middleware(ReleaseSlots)
     app.add_middleware(BodySizeLimit, settings=settings)
     return app

@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = (
     "adapters.cli",     # adapters import/list/show/delete/export
     "server.generate",  # generate
     "server.serve",     # serve
+    "server.api_keys",  # keys new/hash
     "server.bench",     # bench
     "training.cli",     # train
 )

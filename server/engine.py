@@ -455,7 +455,7 @@ class Engine:
             prompt_tokens=seq.n_prompt, generated_tokens=len(generated),
             adapter_ref=a.lease.ref if a.lease is not None else None, seed=a.seed,
             ttft_s=(a.t_first or now) - a.t_submit, latency_s=now - a.t_submit,
-            stop_sequence=stop_sequence)
+            stop_sequence=stop_sequence, tenant=a.request.tenant)
         self._counters["requests_finished_total"] += 1
         if reason == "cancelled":
             self._counters["requests_cancelled_total"] += 1

@@ -1,7 +1,9 @@
 """Prometheus metrics of one app (its own CollectorRegistry, so several apps can live in one process).
 
 Per-request series are labelled by adapter name (the base model is `BASE_LABEL`), never by
-version or request, to keep cardinality bounded by the number of adapters. Request counts by
+version or request, to keep cardinality bounded by the number of adapters. Request and token
+counters also carry the API key's tenant (empty without keys, which Prometheus reads as no
+label at all), never the key. Request counts by
 HTTP status come from the routes; tokens, latency, TTFT and finish reasons from the engine's
 completion callback, so generations cut short by a client that went away are counted too.
 Engine and adapter-pool figures are read from `engine.stats()` / `registry.stats()` at scrape
@@ -17,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from adapters.pool import PoolStats
+from server.api_keys import current_tenant
 from server.types import EngineStats, GenerationResult
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -80,15 +83,22 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "Finished HTTP generation requests.",
-                                ["adapter", "endpoint", "status"], registry=r)
+                                ["adapter", "endpoint", "status", "tenant"], registry=r)
         self.finish_reasons = Counter(f"{PREFIX}_finish_reasons", "Why generations ended.",
-                                      ["adapter", "reason"], registry=r)
+                                      ["adapter", "reason", "tenant"], registry=r)
         self.latency = Histogram(f"{PREFIX}_request_latency_seconds", "Submit to last token.",
                                  ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Submit to first token.",
                               ["adapter"], buckets=_TTFT_BUCKETS, registry=r)
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
-        self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated.", ["adapter"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.",
+                                     ["adapter", "tenant"], registry=r)
+        self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated.",
+                                        ["adapter", "tenant"], registry=r)
+        self.auth_rejected = Counter(f"{PREFIX}_auth_rejected_requests", "Inference requests refused by the "
+                                     "API key check (401) or a key's limits (429).", ["tenant", "reason"],
+                                     registry=r)
+        for reason in ("missing_key", "invalid_key"):   # exposed at 0 from the start, for alerts
+            self.auth_rejected.labels("", reason)
         self.admin_operations = Counter(f"{PREFIX}_admin_operations", "Admin API calls.",
                                         ["operation", "status"], registry=r)
         r.register(_LiveStatsCollector(engine_stats, pool_stats, kv_cache_write_failures))
@@ -96,16 +106,17 @@ class ServerMetrics:
     def observe_request(self, endpoint: str, status: int, adapter: str) -> None:
         """Count one HTTP generation request; `adapter` is a label from `adapter_label`.
 
-        `status` is the HTTP status, except 499 for a client that went away mid-request.
+        `status` is the HTTP status, except 499 for a client that went away mid-request. The
+        tenant is the caller of the request being served (called from its route).
         """
-        self.requests.labels(adapter, endpoint, str(status)).inc()
+        self.requests.labels(adapter, endpoint, str(status), current_tenant() or "").inc()
 
     def observe_result(self, result: GenerationResult) -> None:
         """Engine completion callback: every finished generation, cancelled ones included."""
-        adapter = adapter_label(result.adapter_ref)
-        self.finish_reasons.labels(adapter, result.finish_reason).inc()
-        self.prompt_tokens.labels(adapter).inc(result.prompt_tokens)
-        self.generated_tokens.labels(adapter).inc(result.generated_tokens)
+        adapter, tenant = adapter_label(result.adapter_ref), result.tenant or ""
+        self.finish_reasons.labels(adapter, result.finish_reason, tenant).inc()
+        self.prompt_tokens.labels(adapter, tenant).inc(result.prompt_tokens)
+        self.generated_tokens.labels(adapter, tenant).inc(result.generated_tokens)
         if result.finish_reason != "cancelled":
             self.latency.labels(adapter).observe(result.latency_s)
         if result.generated_tokens:

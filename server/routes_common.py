@@ -20,6 +20,7 @@ from starlette.responses import StreamingResponse
 from adapters.names import AdapterNameError
 from adapters.store import AdapterNotFoundError, StoreCorruptError
 from adapters.validation import AdapterValidationError
+from server.api_keys import check_adapter, current_tenant
 from server.metrics import UNKNOWN_LABEL, ServerMetrics, adapter_label
 from server.schemas_openai import ErrorResponse
 from server.schemas_tgi import TGIError
@@ -40,6 +41,8 @@ class ServerSettings:
     request_timeout_s: float | None = None   # submit → finish deadline per request; None = none
     retry_after_s: int = 1                 # Retry-After on 503 when the queue is full
     model_id: str | None = None            # OpenAI id of the base model; None = the loaded model's name
+    api_keys: tuple[str, ...] = ()         # inference keys (tenant "default", every adapter)
+    api_keys_file: str | None = None       # keys file (server/api_keys.py); no keys at all = open inference
 
 
 @dataclass
@@ -55,6 +58,7 @@ class ServerContext:
     created: int = 0                       # unix time the app was built (OpenAI `created`)
     active: set["GuardedHandle"] = field(default_factory=set)   # generation requests in flight
     active_lock: threading.Lock = field(default_factory=threading.Lock)
+    auth: Any = None                       # server.api_keys.ApiKeys (create_app always sets it)
 
     @property
     def tokenizer(self):
@@ -102,10 +106,11 @@ class ApiError(Exception):
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 405: "invalid_request_error", 408: "timeout",
-                 413: "invalid_request_error", 422: "invalid_request_error", 503: "server_overloaded",
-                 504: "timeout"}
+                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                 503: "server_overloaded", 504: "timeout"}
 _OPENAI_CODES = {"not_found": "model_not_found", "overloaded": "server_overloaded",
-                 "too_large": "request_too_large", "timeout": "timeout"}
+                 "too_large": "request_too_large", "timeout": "timeout",
+                 "rate_limited": "rate_limit_exceeded", "auth": "invalid_api_key"}
 
 
 def is_openai_path(path: str) -> bool:
@@ -192,6 +197,10 @@ async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | No
     system_fingerprint) names the version that actually serves it, even if an upload lands
     between this call and the engine's. A version not yet on the device is loaded here, in a
     worker thread, so reading its file and computing its K/V never stalls the event loop."""
+    try:
+        check_adapter(requested)   # before the store: a key's forbidden adapter reads as missing
+    except AdapterNotFoundError as e:
+        raise engine_error(e, ctx.settings) from None
     if requested is None:
         return None
     if ctx.registry is None:
@@ -217,7 +226,9 @@ def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, ad
     """Validate and enqueue; raise ApiError for anything the caller did wrong or overload."""
     try:
         params.validate()
-        return ctx.engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter_ref))
+        request = GenerationRequest(prompt_ids, params, adapter=adapter_ref, tenant=current_tenant())
+        with ctx.auth.charging_caller(request.request_id):
+            return ctx.engine.submit(request)
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, InvalidRequestError,
             EngineOverloadedError, EngineClosedError, EngineError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings, validation_status, field_names) from None

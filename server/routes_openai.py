@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from model.chat_template import ChatTemplateError
+from server.api_keys import may_list
 from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
                                   encode_prompt, engine_error, error_body, finite_logprob, get_ctx,
                                   resolve_max_new_tokens, sse, start_counted, submit)
@@ -268,10 +269,13 @@ async def completions(request: Request, body: CompletionRequest, ctx: ServerCont
 
 @router.get("/models", response_model=ModelList)
 async def list_models(ctx: ServerContext = Depends(get_ctx)) -> ModelList:
-    """The base model (no adapter) and every stored adapter, by the ids `model` accepts."""
-    cards = [ModelCard(id=ctx.model_id, created=ctx.created, owned_by="adapter-server", root=ctx.model_id)]
+    """The base model (no adapter) and every stored adapter, by the ids `model` accepts (with API
+    keys: those the key may use)."""
+    cards = []
+    if may_list(None):
+        cards.append(ModelCard(id=ctx.model_id, created=ctx.created, owned_by="adapter-server", root=ctx.model_id))
     if ctx.registry is not None:
-        for info in ctx.registry.list():
+        for info in filter(lambda a: may_list(a.name), ctx.registry.list()):
             cards.append(ModelCard(id=info.name, created=int(info.versions[0].created), owned_by="adapter-server",
                                    root=info.latest.ref, parent=ctx.model_id))
     return ModelList(data=cards)

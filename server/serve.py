@@ -52,6 +52,13 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key flags, else the comma-separated keys of ADAPTER_SERVER_API_KEY."""
+    if args.api_key:
+        return tuple(args.api_key)
+    return tuple(k.strip() for k in os.environ.get(env_name("--api-key"), "").split(",") if k.strip())
+
+
 def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
@@ -86,7 +93,14 @@ def register(subparsers) -> None:
     _add(p, "--store", None, "adapter store directory", shown="the per-user data directory")
     _add(p, "--host", "127.0.0.1", "address to listen on (0.0.0.0 accepts remote clients)")
     _add(p, "--port", 8000, "TCP port", type=int)
-    _add(p, "--admin-token", None, "bearer token for the /admin routes; unset = admin API off")
+    _add(p, "--admin-token", None, "bearer token for every /admin route (tenant admin keys live in "
+         "--api-keys-file); unset and no keys file = admin API off")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="an inference API key (repeatable; tenant 'default', every adapter); with any key or "
+                        "keys file, inference needs 'Authorization: Bearer <key>'. The variable holds "
+                        f"comma-separated keys; flags replace it [env {env_name('--api-key')}; default: unset]")
+    _add(p, "--api-keys-file", None, "JSON or TOML file of hashed inference keys with tenants, adapter "
+         "patterns, limits and tenant admin keys (docs/api-keys.md); re-read when it changes")
     _add(p, "--max-batch", 8, "concurrent sequences (KV-cache slots)", type=_positive(int))
     _add(p, "--max-seq-len", None, "prompt + generated tokens per sequence", type=_positive(int),
          shown="the model's context, at most 4096")
@@ -178,10 +192,16 @@ def run(args: argparse.Namespace) -> int:
         admin_token=args.admin_token or None, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         default_max_new_tokens=args.default_max_new_tokens, max_new_tokens_limit=args.max_new_tokens_limit,
-        request_timeout_s=args.request_timeout, model_id=args.model_id)
+        request_timeout_s=args.request_timeout, model_id=args.model_id,
+        api_keys=api_keys(args), api_keys_file=args.api_keys_file or None)
     app = create_app(engine, registry, loaded, settings)
+    keys = app.state.ctx.auth
     log.info("OpenAI model id %r; admin API %s; listening on http://%s:%d", app.state.ctx.model_id,
-             "on" if settings.admin_token else "off (no --admin-token)", args.host, args.port)
+             "on" if settings.admin_token or keys.keys_file else "off (no --admin-token)", args.host, args.port)
+    if keys.configured:
+        log.info("inference needs an API key: %s", keys.describe())
+    else:
+        log.warning("inference is open to anyone who reaches the port: no --api-key or --api-keys-file")
     # By the time uvicorn is told to exit the requests have drained (see _drain): what is left is
     # idle keep-alive connections and answers being written.
     server = uvicorn.Server(uvicorn.Config(

@@ -126,6 +126,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None          # "name" (latest version) or "name@N"; None = base model
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tenant: str | None = None           # the API key's tenant (set by the auth layer; metrics label)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class GenerationResult:
     ttft_s: float                       # submit → first token
     latency_s: float                    # submit → finish
     stop_sequence: str | None = None    # the stop string that ended it, if any
+    tenant: str | None = None           # the request's tenant, for metrics labels
 
 
 CompletionCallback = Callable[[GenerationResult], None]

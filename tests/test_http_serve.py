@@ -91,7 +91,7 @@ def test_serve_process_env_config_and_graceful_shutdown(tiny_model_dir, tmp_path
             proc.wait()
     log_text = log_path.read_text()
     for expected in ("loaded tiny-llama", "adapter store", "admin API on", f"listening on http://127.0.0.1:{port}",
-                     "stopped"):
+                     "inference is open", "stopped"):
         assert expected in log_text, log_text
     assert "s3cret" not in log_text and "Traceback" not in log_text
 
