@@ -116,4 +116,4 @@ class TGIError(BaseModel):
 
     error: str
     error_type: Literal["validation", "overloaded", "generation", "not_found", "method_not_allowed",
-                        "unavailable", "too_large", "auth", "timeout", "storage"]
+                        "unavailable", "too_large", "auth", "rate_limited", "timeout", "storage"]
