@@ -23,16 +23,19 @@ def reference_top_p(logits: torch.Tensor, top_p: float) -> set[int]:
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_keeps_the_smallest_set_reaching_p(scale, top_p):
     torch.manual_seed(0)
-    logits = torch.randn(2000, dtype=torch.float64) * scale
-    kept = keep_top_p(logits, top_p)
-    assert set(torch.nonzero(kept > float("-inf"))[:, 0].tolist()) == reference_top_p(logits, top_p)
-    assert torch.equal(kept[kept > float("-inf")], logits[kept > float("-inf")])
+    logits = torch.randn(2, 2000, dtype=torch.float64) * scale
+    probs = torch.softmax(logits, -1)
+    kept = keep_top_p(probs, torch.tensor([top_p, 1.0], dtype=torch.float64))
+    assert set(torch.nonzero(kept[0] > 0)[:, 0].tolist()) == reference_top_p(logits[0], top_p)
+    assert torch.equal(kept[0][kept[0] > 0], probs[0][kept[0] > 0])
+    assert torch.equal(kept[1], probs[1])      # its neighbour's top_p=1 keeps everything
 
 
 def test_top_k_and_repetition_penalty():
     logits = torch.tensor([1.0, 5.0, -2.0, 3.0, 4.0])
-    assert torch.equal(keep_top_k(logits, 2) > float("-inf"), torch.tensor([False, True, False, False, True]))
-    assert torch.equal(keep_top_k(logits, 10), logits)
+    kept = keep_top_k(logits.repeat(3, 1), torch.tensor([2, 10, 0]))
+    assert torch.equal(kept[0] > float("-inf"), torch.tensor([False, True, False, False, True]))
+    assert torch.equal(kept[1], logits) and torch.equal(kept[2], logits)
     pen = apply_repetition_penalty(logits, {1, 2}, 2.0)
     assert pen.tolist() == [1.0, 2.5, -4.0, 3.0, 4.0]
     assert logits[1] == 5.0   # the caller's tensor is untouched

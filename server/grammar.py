@@ -1,0 +1,100 @@
+"""Structured output: a grammar per request turns into a token mask per decoding step.
+
+Built on llguidance (the Rust engine behind vLLM's and llama.cpp's guided decoding): it reads
+the HF `tokenizers` JSON this project already loads, compiles JSON schemas and regexes
+lazily (no whole-vocabulary index up front), and fills the masks of all constrained rows of a
+batch in parallel. Measured on SmolLM2's 49152-token vocabulary, 32 rows, a small JSON
+schema: ~0.6 ms per step for all 32 masks on a loaded 2-core machine — next to a decode step
+of tens of ms. (xgrammar was ~0.4 ms but needs transformers and triton at run time;
+outlines-core precompiles an index over the whole vocabulary per schema.)
+
+The engine's EOS/stop ids are the grammar's end token: the mask allows them only once the
+output is complete, and a complete output (nothing more can follow) ends the request.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import llguidance
+import torch
+
+from .types import Grammar, InvalidRequestError
+
+
+class GrammarCompiler:
+    """Turns a `Grammar` into a fresh matcher for one request (any thread)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def _tokenizer_for_grammars(self) -> llguidance.LLTokenizer:
+        with self._lock:        # built once (~0.4 s), on the first constrained request
+            if self._ll_tokenizer is None:
+                backend = getattr(self._tokenizer, "backend_json", None)
+                if backend is None:
+                    raise InvalidRequestError("grammar", "structured output needs a model with an HF "
+                                              "tokenizer.json (this model's tokenizer is sentencepiece)")
+                self._ll_tokenizer = llguidance.LLTokenizer(
+                    backend(), n_vocab=self.vocab_size, eos_token=sorted(self._tokenizer.stop_ids))
+            return self._ll_tokenizer
+
+    def matcher(self, grammar: Grammar) -> "GrammarMatcher":
+        """Raises InvalidRequestError("grammar", why) for a schema or regex that does not compile."""
+        if grammar.kind == "json":
+            if not isinstance(grammar.value, dict):
+                raise InvalidRequestError("grammar", "a JSON schema must be a JSON object")
+            try:
+                text = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(grammar.value))
+            except ValueError as e:
+                raise InvalidRequestError("grammar", f"invalid JSON schema: {e}") from None
+        elif grammar.kind == "regex":
+            if not isinstance(grammar.value, str):
+                raise InvalidRequestError("grammar", "a regex grammar must be a string")
+            text = llguidance.LLMatcher.grammar_from_regex(grammar.value)
+        else:
+            raise InvalidRequestError("grammar", f"unknown grammar kind {grammar.kind!r} (json or regex)")
+        tokenizer = self._tokenizer_for_grammars()
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, tokenizer)
+        if is_error:
+            raise InvalidRequestError("grammar", f"invalid {grammar.kind} grammar: {messages[0]}")
+        matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
+        if matcher.is_error():
+            raise InvalidRequestError("grammar", f"invalid {grammar.kind} grammar: {matcher.get_error()}")
+        return GrammarMatcher(matcher)
+
+
+class GrammarMatcher:
+    """The grammar state of one request: which tokens may come next, and whether it is done."""
+
+    def __init__(self, matcher: llguidance.LLMatcher):
+        self._m = matcher
+
+    def consume(self, token_id: int) -> bool:
+        """Advance by the sampled token → True when the output is complete (nothing may follow)."""
+        if not self._m.consume_token(token_id):
+            raise RuntimeError(f"grammar rejected token {token_id}: {self._m.get_error()}")
+        return self._m.is_stopped()
+
+
+_EXECUTOR = llguidance.LLExecutor()        # a pool of Rust threads shared by all batches
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_tokens(matchers: list[GrammarMatcher], vocab_size: int) -> tuple[torch.Tensor, list[str | None]]:
+    """Masks for all rows at once → (bool [R, vocab_size] of allowed tokens, per-row error or None)."""
+    words = (vocab_size + 31) // 32
+    bits = torch.zeros(len(matchers), words, dtype=torch.int32)
+    # Rows are filled in parallel (Rust threads, without the GIL); a row in an error state gets
+    # an empty mask, which the checks below report for that row alone.
+    _EXECUTOR.unsafe_compute_mask_ptr([(m._m, i) for i, m in enumerate(matchers)], bits.data_ptr(),
+                                      words * 4, len(matchers))
+    allowed = ((bits[:, :, None] >> _BIT) & 1).bool().reshape(len(matchers), -1)[:, :vocab_size]
+    errors = [m._m.get_error() or None for m in matchers]
+    any_allowed = allowed.any(dim=1).tolist()
+    errors = [e if e or ok else "the grammar allows no next token" for e, ok in zip(errors, any_allowed)]
+    return allowed, errors
