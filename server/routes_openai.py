@@ -322,7 +322,10 @@ class _Call:
             prompt_text, prompt_ids = self.prompts[p]
             tokens = self.visible_tokens(result)
             if self.echo_logprobs:
-                tokens = self.prompt_tokens(prompt_ids, result) + tokens
+                # Scorers (lm-eval) index these entries by token position: every generated token
+                # is listed, special ones too, after the prompt's.
+                tokens = self.prompt_tokens(prompt_ids, result) + list(
+                    zip(result.token_ids, result.logprobs, result.top_logprobs))
             prefix = prompt_text if self.body.echo else ""
             choices.append(CompletionChoice(index=index, text=prefix + result.text, logprobs=self.logprobs(tokens),
                                             finish_reason=finish))

@@ -35,7 +35,8 @@ def _refuse_unsupported(p: TGIParameters) -> None:
         ("typical_p", p.typical_p not in (None, 1.0), "typical sampling is not supported"),
         ("best_of", p.best_of not in (None, 1), "only best_of=1 is supported"),
         ("watermark", p.watermark, "watermarking is not supported"),
-        ("response_format", p.response_format is not None, "use `grammar` for constrained decoding"),
+        ("response_format", p.response_format is not None and p.grammar is not None,
+         "give either response_format or grammar"),
     ]
     for name, bad, why in checks:
         if bad:
@@ -61,8 +62,15 @@ def _sampling_params(ctx: ServerContext, p: TGIParameters, prompt_len: int) -> S
         ignore_eos=p.ignore_eos_token,
         top_logprobs=max(p.return_k_alternatives or 0, p.top_n_tokens or 0),
         prompt_logprobs=0 if p.details and p.decoder_input_details else None,
-        grammar=_grammar(p.grammar),
+        grammar=_grammar(p.grammar) if p.response_format is None else _response_format(p.response_format),
     )
+
+
+def _response_format(response_format: dict) -> Grammar:
+    """LoRAX's (and lorax-client's) {"type": "json_object", "schema": {...}}."""
+    if response_format.get("type") != "json_object":
+        raise InvalidRequestError("response_format", "type must be json_object")
+    return Grammar("json", response_format.get("schema") or {"type": "object"})
 
 
 def _grammar(grammar: dict | None) -> Grammar | None:
