@@ -183,7 +183,7 @@ def _mask_grammars(work: torch.Tensor, special: list[int], samplers: list[RowSam
     if not rows:
         return
     allowed, problems = allowed_tokens([samplers[special[j]].grammar for j in rows], work.shape[-1])
-    work[rows] = work[rows].masked_fill(~allowed.to(work.device), float("-inf"))
+    work[rows] = torch.where(allowed.to(work.device), work[rows], float("-inf"))
     for j, problem in zip(rows, problems):
         if problem is not None:
             errors[special[j]] = RuntimeError(f"grammar: {problem}")
