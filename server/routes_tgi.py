@@ -104,7 +104,8 @@ class _Call:
         p = body.parameters
         self.ctx, self.body, self.p, self.adapter_ref = ctx, body, p, adapter_ref
         self.field_names = {"prompt": "inputs",
-                            "top_logprobs": "return_k_alternatives" if p.return_k_alternatives else "top_n_tokens"}
+                            "top_logprobs": "return_k_alternatives" if p.return_k_alternatives else "top_n_tokens",
+                            "grammar": "response_format" if p.response_format is not None else "grammar"}
         try:
             _refuse_unsupported(p)
             self.prompt_ids = encode_prompt(ctx, body.inputs)

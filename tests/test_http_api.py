@@ -173,8 +173,8 @@ def test_lorax_client_with_adapter_id(server):
     with pytest.raises(LoraxValidationError, match="merged_adapters"):
         client.generate(prompt, merged_adapters=lorax.types.MergedAdapters(ids=["alpha", "beta"],
                                                                            weights=[0.5, 0.5], density=1.0))
-    with pytest.raises(LoraxValidationError, match="response_format"):
-        client.generate(prompt, response_format={"type": "json_schema", "schema": {}})
+    with pytest.raises(LoraxValidationError, match="response_format: invalid json grammar"):
+        client.generate(prompt, response_format={"type": "json_object", "schema": {"type": "nonsense"}})
 
 
 def test_generate_routes_and_top_level_adapter_id(server):
