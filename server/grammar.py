@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 
 import llguidance
 import numpy as np
 import torch
 
 from .types import Grammar, InvalidRequestError
+
+
+_COMPILED_KEPT = 64
 
 
 class GrammarCompiler:
@@ -32,6 +36,9 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+        # Recently compiled grammars, as fresh matchers to copy: n choices or a client repeating
+        # its schema compile it once.
+        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
 
     def _tokenizer_for_grammars(self) -> llguidance.LLTokenizer:
         with self._lock:        # built once (~0.4 s), on the first constrained request
@@ -46,6 +53,23 @@ class GrammarCompiler:
 
     def matcher(self, grammar: Grammar) -> "GrammarMatcher":
         """Raises InvalidRequestError("grammar", why) for a schema or regex that does not compile."""
+        try:
+            key = (grammar.kind, json.dumps(grammar.value, sort_keys=True))
+        except (TypeError, ValueError):
+            raise InvalidRequestError("grammar", "the grammar's value must be JSON") from None
+        with self._lock:
+            template = self._compiled.get(key)
+            if template is not None:
+                self._compiled.move_to_end(key)
+        if template is None:
+            template = self._compile(grammar)
+            with self._lock:
+                self._compiled[key] = template
+                if len(self._compiled) > _COMPILED_KEPT:
+                    self._compiled.popitem(last=False)
+        return GrammarMatcher(template.deep_copy())
+
+    def _compile(self, grammar: Grammar) -> llguidance.LLMatcher:
         if grammar.kind == "json":
             if not isinstance(grammar.value, dict):
                 raise InvalidRequestError("grammar", "a JSON schema must be a JSON object")
@@ -66,7 +90,7 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
         if matcher.is_error():
             raise InvalidRequestError("grammar", f"invalid {grammar.kind} grammar: {matcher.get_error()}")
-        return GrammarMatcher(matcher)
+        return matcher
 
 
 class GrammarMatcher:
