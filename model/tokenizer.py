@@ -106,6 +106,10 @@ class HFTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def backend_json(self) -> str:
+        """The `tokenizers` JSON (grammar engines rebuild the exact tokenizer from it)."""
+        return self._tok.to_str()
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 

@@ -30,6 +30,7 @@ from model.adapter import AdapterBatch
 from model.kv_cache import KVCache
 
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
+from .grammar import GrammarCompiler
 from .sampling import RowSampler, SampledRow, sample_batch
 from .scheduler import Scheduler, Sequence, StepPlan
 from .types import (CompletionCallback, EngineClosedError, EngineConfig, EngineError,
@@ -135,6 +136,7 @@ class _Active:
     text: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
 
 
 class Engine:
@@ -164,6 +166,7 @@ class Engine:
         self.scheduler = Scheduler(self.config.max_batch, self.config.max_tokens_per_step,
                                    self.config.max_queue)
         self.eos_ids = frozenset(self.tokenizer.stop_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self._decode_model = (torch.compile(self.model, dynamic=True) if self.config.compile
                               else self.model)
         self._lock = threading.Lock()
@@ -230,6 +233,7 @@ class Engine:
         except RuntimeError:
             loop = None
         handle = RequestHandle(request, self, loop)
+        grammar = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         # Fail fast on a full queue before pinning an adapter (add() re-checks under the lock).
         self.scheduler.check_room()
         lease = self._acquire(request.adapter)
@@ -238,12 +242,13 @@ class Engine:
         user_stop_ids = frozenset(params.stop_token_ids)
         active = _Active(
             request=request, handle=handle, lease=lease,
-            sampler=RowSampler(params, seed, prompt, self.device),
+            sampler=RowSampler(params, seed, prompt, self.device, grammar),
             detok=IncrementalDetokenizer(self.tokenizer, prompt),
             stops=StopStringMatcher(params.stop),
             stop_ids=user_stop_ids,
             eos_ids=frozenset() if params.ignore_eos else self.eos_ids - user_stop_ids,
-            seed=seed, t_submit=time.perf_counter())
+            seed=seed, t_submit=time.perf_counter(),
+            prompt_logprobs=[(None, [])] if params.prompt_logprobs is not None else None)
         seq = Sequence(prompt, len(prompt), payload=active)
         handle._seq = seq
         try:
@@ -273,6 +278,8 @@ class Engine:
             raise InvalidRequestError("prompt", "the prompt is empty")
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
             raise InvalidRequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t in request.params.logit_bias):
+            raise InvalidRequestError("logit_bias", f"token ids must be in [0, {self.vocab_size})")
         total = len(ids) + request.params.max_new_tokens
         if total > self.max_seq_len:
             raise InvalidRequestError(
@@ -345,6 +352,10 @@ class Engine:
             rows.extend(plan.decode)
         if plan.prefill:
             prefill_logits, finished = self._forward_prefill(plan.prefill)
+            done = [i for i in finished if plan.prefill[i][0].payload.request.params.max_new_tokens == 0]
+            for i in done:      # prompt scoring only: no token to generate
+                self._finish(plan.prefill[i][0], "length")
+            finished = [i for i in finished if i not in done]
             if finished:
                 logits.append(prefill_logits[finished])
                 rows.extend(plan.prefill[i][0] for i in finished)
@@ -390,10 +401,15 @@ class Engine:
                              + [min(start + n + j, last_pos) for j in range(pad)])
         dev = self.device
         kvs = [s.payload.lease.kv if s.payload.lease is not None else None for s, _ in chunks]
-        logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                            self.cache, torch.tensor([s.slot for s, _ in chunks], device=dev),
-                            AdapterBatch.build(kvs, self.n_layers),
-                            logits_index=torch.tensor([n - 1 for _, n in chunks], device=dev))
+        hidden = self.model.run_layers(self.model.tok_embeddings(torch.tensor(tokens, device=dev)),
+                                       torch.tensor(positions, device=dev), self.cache,
+                                       torch.tensor([s.slot for s, _ in chunks], device=dev),
+                                       AdapterBatch.build(kvs, self.n_layers))
+        last = hidden[torch.arange(len(chunks), device=dev), torch.tensor([n - 1 for _, n in chunks], device=dev)]
+        logits = self.model.output(self.model.norm(last)).float()
+        for i, (seq, n) in enumerate(chunks):
+            if seq.payload.prompt_logprobs is not None:
+                self._score_prompt(seq, hidden[i, :n])
         finished = []
         for i, (seq, n) in enumerate(chunks):
             seq.n_cached += n
@@ -402,9 +418,33 @@ class Engine:
                 finished.append(i)
         return logits, finished
 
-    # ---- per-token bookkeeping ------------------------------------------------------------
-    def _append_token(self, seq: Sequence, out: SampledRow) -> None:
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Prompt logprobs from this chunk's hidden states [n, dim] (same forward, only for the
+        rows that ask): position p's logits score prompt token p + 1."""
         a: _Active = seq.payload
+        start = seq.n_cached
+        targets = seq.token_ids[start + 1:min(start + 1 + hidden.shape[0], seq.n_prompt)]
+        if not targets:
+            return
+        lp = torch.log_softmax(self.model.output(self.model.norm(hidden[:len(targets)])).float(), dim=-1)
+        picked = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+        k = a.request.params.prompt_logprobs
+        tops = [[] for _ in targets]
+        if k:
+            vals, ids = torch.topk(lp, k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        a.prompt_logprobs.extend(zip(picked, tops))
+
+    # ---- per-token bookkeeping ------------------------------------------------------------
+    def _append_token(self, seq: Sequence, out: SampledRow | Exception) -> None:
+        a: _Active = seq.payload
+        if isinstance(out, Exception):      # this row's sampling failed: fail this request alone
+            log.error("sampling failed for request %s: %s", a.request.request_id, out)
+            self._release_slot(seq)
+            if a.lease is not None:
+                a.lease.release()
+            self._post(a.handle, EngineError(f"sampling failed: {type(out).__name__}: {out}"))
+            return
         tok = out.token_id
         seq.token_ids.append(tok)
         a.logprobs.append(out.logprob)
@@ -417,6 +457,8 @@ class Engine:
             finish = "stop"
         elif tok in a.eos_ids:
             finish = "eos_token"
+        elif out.done:                  # the grammar is complete
+            finish = "stop"
         elif len(seq.token_ids) - seq.n_prompt >= a.request.params.max_new_tokens:
             finish = "length"
         text = a.detok.add(tok)
@@ -435,12 +477,15 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_sequence: str | None = None) -> None:
         """A running sequence is done: free its slot, then report."""
+        self._release_slot(seq)
+        self._complete(seq, reason, stop_sequence)
+
+    def _release_slot(self, seq: Sequence) -> None:
         move = self.scheduler.remove(seq)
         if move is not None:        # keep slots compact: the last slot's K/V fill the hole
             n = move.seq.n_cached
             self.cache.k[:, move.dst, :, :n] = self.cache.k[:, move.src, :, :n]
             self.cache.v[:, move.dst, :, :n] = self.cache.v[:, move.src, :, :n]
-        self._complete(seq, reason, stop_sequence)
 
     def _complete(self, seq: Sequence, reason: FinishReason, stop_sequence: str | None = None) -> None:
         """Release the adapter, deliver the result, run the completion callbacks."""
@@ -455,7 +500,8 @@ class Engine:
             prompt_tokens=seq.n_prompt, generated_tokens=len(generated),
             adapter_ref=a.lease.ref if a.lease is not None else None, seed=a.seed,
             ttft_s=(a.t_first or now) - a.t_submit, latency_s=now - a.t_submit,
-            stop_sequence=stop_sequence, tenant=a.request.tenant)
+            stop_sequence=stop_sequence, tenant=a.request.tenant,
+            prompt_logprobs=a.prompt_logprobs)
         self._counters["requests_finished_total"] += 1
         if reason == "cancelled":
             self._counters["requests_cancelled_total"] += 1

@@ -150,7 +150,9 @@ def engine_error(e: Exception, settings: ServerSettings, validation_status: int 
         return ApiError(422, str(e), "validation", "adapter")
     if isinstance(e, InvalidRequestError):
         field = (field_names or {}).get(e.field, e.field)
-        return ApiError(validation_status, f"{field}: {e.message}", "validation", field)
+        # An output grammar (schema, regex) that does not compile is unprocessable on every API.
+        status = 422 if e.field == "grammar" else validation_status
+        return ApiError(status, f"{field}: {e.message}", "validation", field)
     if isinstance(e, EngineOverloadedError):
         return ApiError(503, f"server overloaded, retry later: {e}", "overloaded",
                         headers={"Retry-After": str(settings.retry_after_s)})

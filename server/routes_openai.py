@@ -6,6 +6,8 @@ is a 404 in OpenAI's error shape, never a silent fallback to the base model.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from typing import AsyncIterator
 
@@ -22,7 +24,7 @@ from server.schemas_openai import (COMPLETIONS_DEFAULT_MAX_TOKENS, AssistantMess
                                    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                    ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage,
                                    SamplingFields)
-from server.types import EngineError, GenerationResult, InvalidRequestError, SamplingParams
+from server.types import EngineError, GenerationResult, Grammar, InvalidRequestError, SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -36,17 +38,18 @@ def _finish(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
+MAX_N = 16                      # choices per prompt (n, best_of), as OpenAI caps best_of
+MAX_PROMPTS_X_CHOICES = 128     # engine requests one completions call may fan out to
+
+
 def _refuse_unsupported(body: SamplingFields) -> None:
     checks = [
-        ("n", body.n != 1, "only n=1 is supported"),
+        ("n", not 1 <= body.n <= MAX_N, f"must be in [1, {MAX_N}]"),
         ("presence_penalty", body.presence_penalty not in (None, 0.0), "not supported (use repetition_penalty)"),
         ("frequency_penalty", body.frequency_penalty not in (None, 0.0), "not supported (use repetition_penalty)"),
-        ("logit_bias", bool(body.logit_bias), "not supported"),
     ]
     if isinstance(body, ChatCompletionRequest):
         checks += [
-            ("response_format", body.response_format not in (None, {"type": "text"}),
-             "only {'type': 'text'} is supported"),
             ("tools", bool(body.tools), "tool calling is not supported"),
             ("tool_choice", body.tool_choice not in (None, "none"), "tool calling is not supported"),
             ("top_logprobs", body.top_logprobs not in (None, 0) and not body.logprobs,
@@ -55,12 +58,48 @@ def _refuse_unsupported(body: SamplingFields) -> None:
     else:
         checks += [
             ("suffix", body.suffix is not None, "not supported"),
-            ("best_of", body.best_of not in (None, 1), "only best_of=1 is supported"),
-            ("echo", body.echo and body.logprobs is not None, "echo with logprobs is not supported"),
+            ("best_of", body.best_of is not None and not body.n <= body.best_of <= MAX_N,
+             f"must be in [n, {MAX_N}]"),
+            ("best_of", body.stream and (body.best_of or body.n) > body.n, "cannot be streamed"),
+            ("echo", body.stream and body.echo and body.logprobs is not None,
+             "echo with logprobs cannot be streamed"),
         ]
     for name, bad, why in checks:
         if bad:
             raise InvalidRequestError(name, why)
+
+
+def _logit_bias(body: SamplingFields) -> dict[int, float]:
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise InvalidRequestError("logit_bias", f"keys must be token ids, got {key!r}") from None
+    return bias
+
+
+def _grammar(response_format: dict | None) -> Grammar | None:
+    """OpenAI's response_format → the engine's output grammar (None = free text)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar("json", {"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidRequestError("response_format", "json_schema must be an object with a 'schema'")
+        return Grammar("json", spec.get("schema", {"type": "object"}))
+    raise InvalidRequestError("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i's seed: the request's seed for choice 0, and a fixed mix of (seed, i) for the
+    others, so each choice's output depends on the seed and its index, never on n."""
+    if seed is None or index == 0:
+        return seed
+    return (seed ^ (index * 0x9E3779B97F4A7C15)) % (1 << 63)
 
 
 def _sampling_params(ctx: ServerContext, body: SamplingFields, max_tokens: int | None, top_logprobs: int,
@@ -72,11 +111,61 @@ def _sampling_params(ctx: ServerContext, body: SamplingFields, max_tokens: int |
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, top_logprobs=top_logprobs)
+        seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, top_logprobs=top_logprobs,
+        logit_bias=_logit_bias(body))
+
+
+class RequestGroup:
+    """The engine requests of one OpenAI call (prompts × choices), awaited, streamed and
+    cancelled together; results and events come in choice-index order / tagged by index."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+        self.request_id = handles[0].request_id
+
+    async def result(self) -> list[GenerationResult]:
+        try:
+            return list(await asyncio.gather(*(h.result() for h in self.handles)))
+        except BaseException:
+            self.cancel()       # one failed: the others are no use to the caller
+            raise
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[int, object]]:
+        """(index, TokenEvent) as they come, then (index, GenerationResult) when a choice ends."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, handle) -> None:
+            try:
+                async for ev in handle:
+                    merged.put_nowait((i, ev))
+                merged.put_nowait((i, await handle.result()))
+            except BaseException as e:      # noqa: BLE001 — re-raised by the consumer
+                merged.put_nowait((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(self.handles)]
+        try:
+            for _ in range(len(tasks)):
+                while True:
+                    i, item = await merged.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield i, item
+                    if isinstance(item, GenerationResult):
+                        break
+        finally:
+            for t in tasks:
+                t.cancel()
 
 
 class _Call:
-    """One OpenAI request: prompt, sampling parameters, adapter, and the answer's pieces."""
+    """One OpenAI request: prompts, sampling parameters, adapter, and the answer's pieces.
+
+    Each prompt gets `best_of` (default n) engine requests, submitted together; choice
+    index = prompt × n + rank."""
 
     def __init__(self, ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest,
                  adapter_ref: str | None):
@@ -90,20 +179,29 @@ class _Call:
             "max_new_tokens": ("max_completion_tokens" if chat and body.max_completion_tokens is not None
                                else "max_tokens"),
             "top_logprobs": "top_logprobs" if chat else "logprobs",
+            "prompt_logprobs": "logprobs",
+            "grammar": "response_format",
             "prompt": "messages" if chat else "prompt"}
         try:
             _refuse_unsupported(body)
             if chat:
-                self.prompt_ids = self._chat_prompt(body)
+                self.prompts = [("", self._chat_prompt(body))]
                 self.want_logprobs = body.logprobs
                 top = body.top_logprobs or 0
                 max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+                grammar = _grammar(body.response_format)
+                self.samples = body.n
             else:
-                self.prompt_text, self.prompt_ids = self._completion_prompt(body)
+                self.samples = body.best_of or body.n
+                self.prompts = self._completion_prompts(body)
                 self.want_logprobs = body.logprobs is not None
                 top = body.logprobs or 0
                 max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-            self.params = _sampling_params(ctx, body, max_tokens, top, len(self.prompt_ids))
+                grammar = None
+            self.echo_logprobs = not chat and body.echo and self.want_logprobs
+            self.params = [dataclasses.replace(
+                _sampling_params(ctx, body, max_tokens, top, len(ids)), grammar=grammar,
+                prompt_logprobs=top if self.echo_logprobs else None) for _, ids in self.prompts]
         except InvalidRequestError as e:
             raise engine_error(e, ctx.settings, 400, self.field_names) from None
 
@@ -117,32 +215,48 @@ class _Call:
         # The template writes BOS itself where the model wants one, as HF's convention has it.
         return encode_prompt(self.ctx, text, add_bos=False)
 
-    def _completion_prompt(self, body: CompletionRequest) -> tuple[str, list[int]]:
+    def _completion_prompts(self, body: CompletionRequest) -> list[tuple[str, list[int]]]:
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-            vocab = self.ctx.tokenizer.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
+        if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+            prompt = [prompt]
+        if not prompt or len(prompt) * self.samples > MAX_PROMPTS_X_CHOICES:
+            raise InvalidRequestError("prompt", f"between 1 and {MAX_PROMPTS_X_CHOICES} prompts × choices per request")
+        out = []
+        vocab = self.ctx.tokenizer.vocab_size
+        for p in prompt:
+            if isinstance(p, str):
+                out.append((p, encode_prompt(self.ctx, p)))
+            elif not p or any(not 0 <= t < vocab for t in p):
                 raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab})")
-            return self.ctx.tokenizer.decode(prompt), list(prompt)
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise InvalidRequestError("prompt", "exactly one prompt per request is supported")
-            prompt = prompt[0]
-        return prompt, encode_prompt(self.ctx, prompt)
+            else:
+                out.append((self.ctx.tokenizer.decode(p), list(p)))
+        return out
 
-    def submit(self):
-        handle = submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref, 400, self.field_names)
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + handle.request_id
-        return handle
+    def submit(self) -> RequestGroup:
+        handles = []
+        try:
+            for (_, ids), params in zip(self.prompts, self.params):
+                for i in range(self.samples):
+                    handles.append(submit(self.ctx, ids, dataclasses.replace(params, seed=choice_seed(params.seed, i)),
+                                          self.adapter_ref, 400, self.field_names))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        group = RequestGroup(handles)
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + group.request_id
+        return group
 
     def fingerprint(self) -> str:
         """Which exact weights answer: base fingerprint, plus the adapter version if any."""
         base = self.ctx.loaded.fingerprint[:16]
         return f"{base}+{self.adapter_ref}" if self.adapter_ref else base
 
-    def usage(self, result: GenerationResult) -> Usage:
-        return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.generated_tokens,
-                     total_tokens=result.prompt_tokens + result.generated_tokens)
+    def usage(self, results: list[GenerationResult]) -> Usage:
+        """Each prompt counted once; every generated token counted (best_of's discarded ones too)."""
+        prompt = sum(r.prompt_tokens for r in results[::self.samples])
+        completion = sum(r.generated_tokens for r in results)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     # --- logprobs --------------------------------------------------------------------------
     def token_str(self, token_id: int) -> str:
@@ -158,14 +272,16 @@ class _Call:
             for t, lp, top in tokens])
 
     def _completion_logprobs(self, tokens, offset: int) -> CompletionLogprobs:
-        strs, offsets = [], []
-        for t, _, _ in tokens:
+        """tokens: (id, logprob or None, top or None); each top dict also holds the token itself."""
+        strs, offsets, logprobs, tops = [], [], [], []
+        for t, lp, top in tokens:
             strs.append(self.token_str(t))
             offsets.append(offset)
             offset += len(strs[-1])
-        tops = [{self.token_str(i): finite_logprob(l) for i, l in top} for _, _, top in tokens]
-        return CompletionLogprobs(tokens=strs, token_logprobs=[finite_logprob(lp) for _, lp, _ in tokens],
-                                  top_logprobs=tops, text_offset=offsets)
+            logprobs.append(None if lp is None else finite_logprob(lp))
+            tops.append(None if lp is None else
+                        {**{self.token_str(i): finite_logprob(l) for i, l in top}, strs[-1]: logprobs[-1]})
+        return CompletionLogprobs(tokens=strs, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)
 
     def logprobs(self, tokens, offset: int = 0):
         if not self.want_logprobs:
@@ -177,31 +293,55 @@ class _Call:
         return [(t, lp, top) for t, lp, top in zip(result.token_ids, result.logprobs, result.top_logprobs)
                 if not is_special(t)]
 
-    # --- answers ---------------------------------------------------------------------------
-    def response(self, result: GenerationResult) -> ChatCompletion | Completion:
-        finish = _finish(result)
-        logprobs = self.logprobs(self.visible_tokens(result))
-        common = dict(id=self.id, created=self.created, model=self.body.model,
-                      system_fingerprint=self.fingerprint(), usage=self.usage(result))
-        if self.chat:
-            choice = ChatChoice(index=0, message=AssistantMessage(content=result.text), logprobs=logprobs,
-                                finish_reason=finish)
-            return ChatCompletion(choices=[choice], **common)
-        prefix = self.prompt_text if self.body.echo else ""
-        return Completion(choices=[CompletionChoice(index=0, text=prefix + result.text, logprobs=logprobs,
-                                                    finish_reason=finish)], **common)
+    def prompt_tokens(self, prompt_ids: list[int], result: GenerationResult):
+        """The echoed prompt's (id, logprob, top), the first token's logprob None."""
+        return [(t, lp, top) for t, (lp, top) in zip(prompt_ids, result.prompt_logprobs)]
 
-    def chunk(self, text: str | None, tokens=(), finish: str | None = None, role: bool = False,
+    # --- answers ---------------------------------------------------------------------------
+    def chosen(self, results: list[GenerationResult]) -> list[tuple[int, GenerationResult]]:
+        """(prompt index, result) of the returned choices, in index order: per prompt, all its
+        samples, or with best_of the n with the highest cumulative logprob."""
+        out = []
+        for p in range(len(self.prompts)):
+            group = results[p * self.samples:(p + 1) * self.samples]
+            if self.samples > self.body.n:
+                group = sorted(group, key=lambda r: sum(r.logprobs), reverse=True)[:self.body.n]
+            out += [(p, r) for r in group]
+        return out
+
+    def response(self, results: list[GenerationResult]) -> ChatCompletion | Completion:
+        common = dict(id=self.id, created=self.created, model=self.body.model,
+                      system_fingerprint=self.fingerprint(), usage=self.usage(results))
+        choices = []
+        for index, (p, result) in enumerate(self.chosen(results)):
+            finish = _finish(result)
+            if self.chat:
+                choices.append(ChatChoice(index=index, message=AssistantMessage(content=result.text),
+                                          logprobs=self.logprobs(self.visible_tokens(result)), finish_reason=finish))
+                continue
+            prompt_text, prompt_ids = self.prompts[p]
+            tokens = self.visible_tokens(result)
+            if self.echo_logprobs:
+                # Scorers (lm-eval) index these entries by token position: every generated token
+                # is listed, special ones too, after the prompt's.
+                tokens = self.prompt_tokens(prompt_ids, result) + list(
+                    zip(result.token_ids, result.logprobs, result.top_logprobs))
+            prefix = prompt_text if self.body.echo else ""
+            choices.append(CompletionChoice(index=index, text=prefix + result.text, logprobs=self.logprobs(tokens),
+                                            finish_reason=finish))
+        return (ChatCompletion if self.chat else Completion)(choices=choices, **common)
+
+    def chunk(self, index: int, text: str | None, tokens=(), finish: str | None = None, role: bool = False,
               offset: int = 0, usage: Usage | None = None, final_usage_chunk: bool = False):
         common = dict(id=self.id, created=self.created, model=self.body.model,
                       system_fingerprint=self.fingerprint(), usage=usage)
         logprobs = self.logprobs(list(tokens), offset) if tokens else None
         if self.chat:
             choices = [] if final_usage_chunk else [ChatChunkChoice(
-                index=0, delta=ChatDelta(role="assistant" if role else None, content=text),
+                index=index, delta=ChatDelta(role="assistant" if role else None, content=text),
                 logprobs=logprobs, finish_reason=finish)]
             return ChatCompletionChunk(choices=choices, **common)
-        choices = [] if final_usage_chunk else [CompletionChoice(index=0, text=text or "", logprobs=logprobs,
+        choices = [] if final_usage_chunk else [CompletionChoice(index=index, text=text or "", logprobs=logprobs,
                                                                  finish_reason=finish)]
         return Completion(choices=choices, **common)
 
@@ -213,33 +353,40 @@ def _dump(model) -> str:
 
 async def _complete(request: Request, ctx: ServerContext, body, endpoint: str):
     requested = None if body.model == ctx.model_id else body.model
-    call, handle, label = await start_counted(ctx, endpoint, requested,
-                                              lambda adapter_ref: _Call(ctx, body, adapter_ref))
+    call, group, label = await start_counted(ctx, endpoint, requested,
+                                             lambda adapter_ref: _Call(ctx, body, adapter_ref))
     if body.stream:
-        return _stream(ctx, call, handle, endpoint, label)
-    answer = await counted_answer(request, ctx, endpoint, label, handle, call.response)
+        return _stream(ctx, call, group, endpoint, label)
+    answer = await counted_answer(request, ctx, endpoint, label, group, call.response)
     return JSONResponse(answer.model_dump(mode="json", exclude_none=False))
 
 
-def _stream(ctx: ServerContext, call: _Call, handle, endpoint: str, label: str) -> EngineEventStream:
+def _stream(ctx: ServerContext, call: _Call, group: RequestGroup, endpoint: str, label: str) -> EngineEventStream:
+    """Streamed choices (best_of = n here) interleave; each chunk carries its choice's index."""
     outcome = {"status": 499}
 
     async def events() -> AsyncIterator[str]:
         try:
-            offset = len(call.prompt_text) if not call.chat and call.body.echo else 0
-            if call.chat:
-                yield _dump(call.chunk("", role=True))
-            elif call.body.echo:
-                yield _dump(call.chunk(call.prompt_text))
-            async for ev in handle:
-                visible = [] if ev.special else [(ev.token_id, ev.logprob, ev.top_logprobs)]
-                if ev.text or (visible and call.want_logprobs):
-                    yield _dump(call.chunk(ev.text, visible, offset=offset))
-                    offset += sum(len(call.token_str(t)) for t, _, _ in visible)
-            result = await handle.result()
-            yield _dump(call.chunk("" if not call.chat else None, finish=_finish(result)))
+            n = len(group.handles)
+            offsets = [len(call.prompts[i // call.samples][0]) if not call.chat and call.body.echo else 0
+                       for i in range(n)]
+            for i in range(n):
+                if call.chat:
+                    yield _dump(call.chunk(i, "", role=True))
+                elif call.body.echo:
+                    yield _dump(call.chunk(i, call.prompts[i // call.samples][0]))
+            results: list[GenerationResult | None] = [None] * n
+            async for i, item in group.events():
+                if isinstance(item, GenerationResult):
+                    results[i] = item
+                    yield _dump(call.chunk(i, "" if not call.chat else None, finish=_finish(item)))
+                    continue
+                visible = [] if item.special else [(item.token_id, item.logprob, item.top_logprobs)]
+                if item.text or (visible and call.want_logprobs):
+                    yield _dump(call.chunk(i, item.text, visible, offset=offsets[i]))
+                    offsets[i] += sum(len(call.token_str(t)) for t, _, _ in visible)
             if call.include_usage:
-                yield _dump(call.chunk(None, usage=call.usage(result), final_usage_chunk=True))
+                yield _dump(call.chunk(0, None, usage=call.usage(results), final_usage_chunk=True))
             outcome["status"] = 200
             yield "data: [DONE]\n\n"
         except (ApiError, EngineError) as e:
@@ -247,7 +394,7 @@ def _stream(ctx: ServerContext, call: _Call, handle, endpoint: str, label: str) 
             outcome["status"] = err.status
             yield sse(error_body(err, openai=True))
         finally:
-            handle.cancel()   # no-op when finished; frees the slot when the client went away
+            group.cancel()   # no-op when finished; frees the slots when the client went away
 
     def record() -> None:
         ctx.metrics.observe_request(endpoint, outcome["status"], label)

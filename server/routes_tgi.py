@@ -3,6 +3,7 @@ that the `text-generation` and `lorax-client` packages actually call."""
 
 from __future__ import annotations
 
+import json
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
@@ -13,7 +14,8 @@ from server.routes_common import (ApiError, EngineEventStream, ServerContext, co
                                   request_label, resolve_max_new_tokens, sse, start_counted, submit)
 from server.schemas_tgi import (AlternativeToken, Details, GenerateResponse, InputToken, StreamDetails,
                                 StreamResponse, TGIError, TGIParameters, TGIRequest, Token)
-from server.types import EngineError, GenerationResult, InvalidRequestError, SamplingParams, TokenEvent
+from server.types import (EngineError, GenerationResult, Grammar, InvalidRequestError, SamplingParams,
+                          TokenEvent)
 
 router = APIRouter(tags=["TGI / LoRAX"])
 
@@ -33,8 +35,8 @@ def _refuse_unsupported(p: TGIParameters) -> None:
         ("typical_p", p.typical_p not in (None, 1.0), "typical sampling is not supported"),
         ("best_of", p.best_of not in (None, 1), "only best_of=1 is supported"),
         ("watermark", p.watermark, "watermarking is not supported"),
-        ("response_format", p.response_format is not None, "constrained decoding is not supported"),
-        ("grammar", p.grammar is not None, "constrained decoding is not supported"),
+        ("response_format", p.response_format is not None and p.grammar is not None,
+         "give either response_format or grammar"),
     ]
     for name, bad, why in checks:
         if bad:
@@ -59,7 +61,33 @@ def _sampling_params(ctx: ServerContext, p: TGIParameters, prompt_len: int) -> S
         stop=list(p.stop),
         ignore_eos=p.ignore_eos_token,
         top_logprobs=max(p.return_k_alternatives or 0, p.top_n_tokens or 0),
+        prompt_logprobs=0 if p.details and p.decoder_input_details else None,
+        grammar=_grammar(p.grammar) if p.response_format is None else _response_format(p.response_format),
     )
+
+
+def _response_format(response_format: dict) -> Grammar:
+    """LoRAX's (and lorax-client's) {"type": "json_object", "schema": {...}}."""
+    if response_format.get("type") != "json_object":
+        raise InvalidRequestError("response_format", "type must be json_object")
+    return Grammar("json", response_format.get("schema") or {"type": "object"})
+
+
+def _grammar(grammar: dict | None) -> Grammar | None:
+    """TGI's {"type": "json", "value": schema} or {"type": "regex", "value": pattern}."""
+    if grammar is None:
+        return None
+    kind, value = grammar.get("type"), grammar.get("value")
+    if kind == "json":
+        if isinstance(value, str):      # TGI accepts the schema as a JSON string too
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise InvalidRequestError("grammar", f"value is not valid JSON: {e}") from None
+        return Grammar("json", value)
+    if kind == "regex":
+        return Grammar("regex", value)
+    raise InvalidRequestError("grammar", f"type must be json or regex, got {kind!r}")
 
 
 def _requested_adapter(body: TGIRequest) -> str | None:
@@ -76,7 +104,8 @@ class _Call:
         p = body.parameters
         self.ctx, self.body, self.p, self.adapter_ref = ctx, body, p, adapter_ref
         self.field_names = {"prompt": "inputs",
-                            "top_logprobs": "return_k_alternatives" if p.return_k_alternatives else "top_n_tokens"}
+                            "top_logprobs": "return_k_alternatives" if p.return_k_alternatives else "top_n_tokens",
+                            "grammar": "response_format" if p.response_format is not None else "grammar"}
         try:
             _refuse_unsupported(p)
             self.prompt_ids = encode_prompt(ctx, body.inputs)
@@ -118,7 +147,8 @@ class _Call:
         if self.p.details:
             tokens = [self._token(t, self._token_text(t), lp, self.ctx.tokenizer.is_special(t), top)
                       for t, lp, top in zip(result.token_ids, result.logprobs, result.top_logprobs)]
-            prefill = ([InputToken(id=t, text=self._token_text(t)) for t in self.prompt_ids]
+            prefill = ([InputToken(id=t, text=self._token_text(t), logprob=None if lp is None else finite_logprob(lp))
+                        for t, (lp, _) in zip(self.prompt_ids, result.prompt_logprobs)]
                        if self.p.decoder_input_details else [])
             top_tokens = ([self._top_tokens(top) for top in result.top_logprobs]
                           if self.p.top_n_tokens else None)

@@ -1,11 +1,16 @@
 """Per-request sampling over a batch of logits.
 
-Each request owns a `torch.Generator` seeded from its seed, and its row is sampled from that
-row's logits alone, so a seeded request draws the same tokens whatever its batch neighbours are.
+Every row has its own parameters; the rows that sample draw in one batched pass (temperature,
+top-k, top-p, inverse-CDF draw), each with one uniform from its own `torch.Generator`, so a
+seeded request draws the same tokens whatever its batch neighbours are. Before choosing, a row's
+logits get its repetition penalty, its `logit_bias` and its grammar mask (greedy rows too).
 
 Reported logprobs are the log-softmax of the model's raw logits (before repetition penalty,
-temperature, top-k and top-p) — what `transformers` reports with `output_logits=True` — so they
-measure the model, not the sampling settings.
+logit bias, grammar, temperature, top-k and top-p) — what `transformers` reports with
+`output_logits=True` — so they measure the model, not the sampling settings.
+
+A row whose preparation fails (its grammar rejects a token, ...) gets the Exception instead of
+a token; the engine fails that request alone.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .grammar import GrammarMatcher, allowed_tokens
 from .types import SamplingParams
 
 
 class RowSampler:
-    """The sampling state of one request: its parameters, generator and token history."""
+    """The sampling state of one request: parameters, generator, token history, grammar."""
 
-    def __init__(self, params: SamplingParams, seed: int, prompt_ids: list[int], device: torch.device):
+    def __init__(self, params: SamplingParams, seed: int, prompt_ids: list[int], device: torch.device,
+                 grammar: GrammarMatcher | None = None):
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
@@ -28,29 +35,33 @@ class RowSampler:
             self.generator.manual_seed(seed)
         # Repetition penalty looks at prompt + generated tokens (as transformers does).
         self.seen: set[int] | None = set(prompt_ids) if params.repetition_penalty != 1.0 else None
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids = sorted(params.logit_bias)
+            self.bias = (torch.tensor(ids, device=device),
+                         torch.tensor([float(params.logit_bias[i]) for i in ids], device=device))
+        self.grammar = grammar
+        self.done = False               # the grammar is complete: nothing may follow
 
     @property
     def plain_greedy(self) -> bool:
-        return self.params.greedy and self.seen is None
+        return self.params.greedy and self.seen is None and self.bias is None and self.grammar is None
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """Repetition penalty and logit bias on one row of logits [V] (the grammar mask comes
+        batched, in sample_batch)."""
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
+        if self.bias is not None:
+            ids, values = self.bias
+            logits = logits.index_add(0, ids, values.to(logits.dtype))
+        return logits
 
     def record(self, token_id: int) -> None:
         if self.seen is not None:
             self.seen.add(token_id)
-
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """Pick one token from a row of raw logits [V] → 0-dim tensor (stays on the device)."""
-        p = self.params
-        if self.seen is not None:
-            logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
-        if p.greedy:
-            return logits.argmax()
-        logits = logits / p.temperature
-        if p.top_k:
-            logits = keep_top_k(logits, p.top_k)
-        if p.top_p < 1.0:
-            logits = keep_top_p(logits, p.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
+        if self.grammar is not None:
+            self.done = self.grammar.consume(token_id)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
@@ -64,10 +75,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: set[int], penalty: floa
     return logits
 
 
-def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k >= logits.shape[-1]:
+def keep_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """logits [B, V], k [B] (0 = off) → logits with all but each row's k best at -inf."""
+    k = k.clamp(max=logits.shape[-1])
+    kmax = int(k.max())
+    if kmax == 0:
         return logits
-    kth = torch.topk(logits, k).values[-1]
+    top = torch.topk(logits, kmax, dim=-1).values
+    kth = top.gather(1, (k - 1).clamp(min=0)[:, None])
+    kth = torch.where(k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -76,20 +92,34 @@ def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 _TOP_P_CANDIDATES = 256
 
 
-def keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of best tokens whose probability reaches top_p (at least one)."""
-    n = min(_TOP_P_CANDIDATES, logits.shape[-1])
-    vals, idx = torch.topk(logits, n)
-    probs = torch.softmax(logits, dim=-1)[idx]
-    if n < logits.shape[-1] and float(probs.sum()) < top_p:
-        vals, idx = torch.sort(logits, descending=True)
-        probs = torch.softmax(vals, dim=-1)
-    cum = probs.cumsum(-1)
-    keep = (cum - probs) < top_p        # a token is kept if the mass before it is below top_p
-    keep[0] = True                      # even when top_p underflows float32 to 0
-    out = torch.full_like(logits, float("-inf"))
-    out[idx[keep]] = vals[keep]
-    return out
+def keep_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs [B, V], top_p [B] → probs keeping, per row, the smallest set of best tokens whose
+    probability reaches top_p (at least one); the others are 0 (not renormalised)."""
+    n = min(_TOP_P_CANDIDATES, probs.shape[-1])
+    vals, idx = torch.topk(probs, n, dim=-1)
+    if n < probs.shape[-1] and bool((vals.sum(-1) < top_p).any()):
+        vals, idx = torch.sort(probs, dim=-1, descending=True)
+    cum = vals.cumsum(-1)
+    keep = (cum - vals) < top_p[:, None]   # a token is kept if the mass before it is below top_p
+    keep[:, 0] = True                      # even when top_p underflows float32 to 0
+    return torch.zeros_like(probs).scatter_(1, idx, torch.where(keep, vals, torch.zeros_like(vals)))
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
+    """Batched sampling: logits [B, V] (already adjusted), one parameter set and one uniform in
+    [0, 1) per row → token ids [B]. The draw inverts each row's CDF at its uniform."""
+    dev = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+    logits = logits / temperature[:, None]
+    if any(p.top_k for p in params):
+        logits = keep_top_k(logits, torch.tensor([p.top_k for p in params], device=dev))
+    probs = torch.softmax(logits, dim=-1)
+    if any(p.top_p < 1.0 for p in params):
+        probs = keep_top_p(probs, torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype))
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.to(dev, torch.float64)[:, None] * cdf[:, -1:]
+    # The first token whose CDF exceeds the target: never a zero-probability one.
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
 
 
 @dataclass
@@ -97,28 +127,63 @@ class SampledRow:
     token_id: int
     logprob: float
     top_logprobs: list[tuple[int, float]]
+    done: bool = False          # the request's grammar is complete: it must end here
 
 
-def sample_batch(logits: torch.Tensor, samplers: list[RowSampler]) -> list[SampledRow]:
-    """logits [B, V] (float32, raw) → one token per row, with its raw-logit log-probability."""
+def sample_batch(logits: torch.Tensor, samplers: list[RowSampler]) -> list[SampledRow | Exception]:
+    """logits [B, V] (float32, raw) → per row a token with its raw-logit log-probability, or the
+    Exception that failed that row alone."""
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logits.argmax(dim=-1)                 # right for plain-greedy rows, overwritten otherwise
-    special_rows = [i for i, s in enumerate(samplers) if not s.plain_greedy]
-    if special_rows:
+    errors: dict[int, Exception] = {}
+    special = [i for i, s in enumerate(samplers) if not s.plain_greedy]
+    if special:
+        work = logits[special].clone()
+        for j, i in enumerate(special):
+            try:
+                work[j] = samplers[i].adjust(work[j])
+            except Exception as e:      # noqa: BLE001 — this row fails, the others go on
+                errors[i] = e
+        _mask_grammars(work, special, samplers, errors)
+        picks = work.argmax(dim=-1)
+        drawn = [j for j, i in enumerate(special) if not samplers[i].params.greedy and i not in errors]
+        if drawn:
+            uniforms = torch.stack([torch.rand((), generator=samplers[special[j]].generator,
+                                               device=logits.device) for j in drawn])
+            picks[drawn] = sample_rows(work[drawn], [samplers[special[j]].params for j in drawn], uniforms)
         chosen = chosen.clone()
-        for i in special_rows:
-            chosen[i] = samplers[i].choose(logits[i])
+        chosen[special] = picks
     chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0]
     n_top = max(s.params.top_logprobs for s in samplers)
     top_vals = top_ids = None
     if n_top:
         top_vals, top_ids = torch.topk(logprobs, n_top, dim=-1)
         top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    out = []
+    out: list[SampledRow | Exception] = []
     # One device→host transfer for the whole batch.
     for i, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_lp.tolist())):
+        if i in errors:
+            out.append(errors[i])
+            continue
         k = samplers[i].params.top_logprobs
         top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
-        samplers[i].record(tok)
-        out.append(SampledRow(tok, lp, top))
+        try:
+            samplers[i].record(tok)
+        except Exception as e:          # noqa: BLE001
+            out.append(e)
+            continue
+        out.append(SampledRow(tok, lp, top, samplers[i].done))
     return out
+
+
+def _mask_grammars(work: torch.Tensor, special: list[int], samplers: list[RowSampler],
+                   errors: dict[int, Exception]) -> None:
+    """Tokens each constrained row's grammar forbids → -inf, for all such rows at once."""
+    rows = [j for j, i in enumerate(special) if samplers[i].grammar is not None and i not in errors]
+    if not rows:
+        return
+    allowed, problems = allowed_tokens([samplers[special[j]].grammar for j in rows], work.shape[-1])
+    work[rows] = torch.where(allowed.to(work.device), work[rows], float("-inf"))
+    for j, problem in zip(rows, problems):
+        if problem is not None:
+            errors[special[j]] = RuntimeError(f"grammar: {problem}")

@@ -46,14 +46,16 @@ class SamplingFields(BaseModel):
     model: str = Field(..., description="Base model id, or adapter 'name' / 'name@version'.")
     temperature: float | None = Field(None, description="0 = greedy; default 1.")
     top_p: float | None = None
-    n: int = Field(1, description="Only 1 is supported.")
+    n: int = Field(1, description="Choices per prompt, 1..16; each choice i samples with its own seed "
+                                  "derived from `seed` and i.")
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, description="Only 0 (or null) is supported.")
     frequency_penalty: float | None = Field(None, description="Only 0 (or null) is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id → bias in [-100, 100], added to that token's logit before choosing.")
     user: str | None = None
     # Extensions other OpenAI-compatible servers (vLLM) accept as well.
     top_k: int | None = Field(None, description="Extension: 0 = off.")
@@ -72,7 +74,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, description="Preferred over max_tokens when both are set.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description="0..20; needs logprobs=true.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} is supported.")
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
+                          "'json_schema': {'name': ..., 'schema': {...}}}: the output is constrained to match.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' (or null) is supported.")
 
@@ -82,12 +86,15 @@ class CompletionRequest(SamplingFields):
         {"model": "my-adapter@1", "prompt": "Once upon a time", "max_tokens": 16, "logprobs": 2},
     ]})
 
-    prompt: str | list[str] | list[int] = Field(..., description="One prompt: text, [text] or token ids.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text, token ids, or a list of either (one choice group per prompt).")
     max_tokens: int | None = Field(COMPLETIONS_DEFAULT_MAX_TOKENS, description="null = 16, as OpenAI.")
     logprobs: int | None = Field(None, description="0..20 alternatives per token (legacy format).")
-    echo: bool = Field(False, description="Prepend the prompt to the returned text.")
+    echo: bool = Field(False, description="Prepend the prompt to the returned text; with logprobs, "
+                                          "the prompt's tokens are scored too (first one null).")
     suffix: str | None = Field(None, description="Not supported; must be null.")
-    best_of: int | None = Field(None, description="Only 1 (or null) is supported.")
+    best_of: int | None = Field(None, description="Generate best_of ≥ n choices per prompt (≤ 16), return "
+                                                  "the n with the highest cumulative logprob; not streamed.")
 
 
 class Usage(BaseModel):
@@ -159,8 +166,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]            # null for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

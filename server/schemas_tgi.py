@@ -40,11 +40,13 @@ class TGIParameters(BaseModel):
     watermark: bool = Field(False, description="Not supported; must be false.")
     details: bool = False
     decoder_input_details: bool = Field(
-        False, description="List the prompt tokens in details.prefill (their logprobs are null).")
+        False, description="List the prompt tokens with their logprobs in details.prefill (the first one's is null).")
     return_k_alternatives: int | None = Field(None, description="LoRAX: alternatives per generated token.")
     top_n_tokens: int | None = Field(None, description="TGI: most likely tokens per step (top_tokens).")
-    response_format: dict[str, Any] | None = Field(None, description="Not supported; must be null.")
-    grammar: dict[str, Any] | None = Field(None, description="Not supported; must be null.")
+    response_format: dict[str, Any] | None = Field(
+        None, description='LoRAX: {"type": "json_object", "schema": {...}} constrains the output to the schema.')
+    grammar: dict[str, Any] | None = Field(
+        None, description='Constrain the output: {"type": "json", "value": schema} or {"type": "regex", "value": pattern}.')
 
 
 class TGIRequest(BaseModel):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 FinishReason = Literal["length", "stop", "eos_token", "cancelled"]
 
@@ -44,6 +44,15 @@ class EngineError(RuntimeError):
     """The engine failed while running a request (a bug or a device error), not the caller's fault."""
 
 
+@dataclass(frozen=True)
+class Grammar:
+    """What the output must match: kind "json" (value: a JSON schema, {} = any JSON value) or
+    "regex" (value: the pattern, matched by the whole output)."""
+
+    kind: Literal["json", "regex"]
+    value: Any
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
@@ -56,6 +65,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False            # when True the tokenizer's stop ids do not end generation
     top_logprobs: int = 0               # alternatives reported per generated token
+    prompt_logprobs: int | None = None  # None = off; N ≥ 0 = each prompt token's logprob + top-N
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
+    grammar: Grammar | None = None      # constrain the output (structured output)
 
     # Logits divided by a smaller temperature overflow float32 (softmax → NaN); the distribution
     # is one-hot long before that, so these count as greedy (vLLM draws the same line).
@@ -73,8 +85,10 @@ class SamplingParams:
         def bad(name: str, message: str):
             raise InvalidRequestError(name, message)
 
-        if not _int(self.max_new_tokens) or self.max_new_tokens < 1:
-            bad("max_new_tokens", f"must be an integer ≥ 1, got {self.max_new_tokens!r}")
+        # Prompt scoring (echo + logprobs, max_tokens 0) asks for no generated token at all.
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not _int(self.max_new_tokens) or self.max_new_tokens < least:
+            bad("max_new_tokens", f"must be an integer ≥ {least}, got {self.max_new_tokens!r}")
         if not _finite(self.temperature) or not 0 <= self.temperature <= self.MAX_TEMPERATURE:
             bad("temperature", f"must be in [0, {self.MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
@@ -96,6 +110,14 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative integers")
         if not _int(self.top_logprobs) or not 0 <= self.top_logprobs <= self.MAX_TOP_LOGPROBS:
             bad("top_logprobs", f"must be an integer in [0, {self.MAX_TOP_LOGPROBS}]")
+        if self.prompt_logprobs is not None and (
+                not _int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= self.MAX_TOP_LOGPROBS):
+            bad("prompt_logprobs", f"must be an integer in [0, {self.MAX_TOP_LOGPROBS}]")
+        for token, bias in self.logit_bias.items():
+            if not _int(token) or token < 0:
+                bad("logit_bias", f"keys must be token ids ≥ 0, got {token!r}")
+            if not _finite(bias) or not -100 <= bias <= 100:
+                bad("logit_bias", f"token {token}: bias must be in [-100, 100], got {bias!r}")
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +176,9 @@ class GenerationResult:
     latency_s: float                    # submit → finish
     stop_sequence: str | None = None    # the stop string that ended it, if any
     tenant: str | None = None           # the request's tenant, for metrics labels
+    # With SamplingParams.prompt_logprobs: per prompt token (logprob, top-N alternatives);
+    # the first token has no context, so its entry is (None, []).
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
 
 
 CompletionCallback = Callable[[GenerationResult], None]

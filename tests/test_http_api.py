@@ -121,7 +121,7 @@ def test_openai_errors_name_the_field(server, oai):
     bad = [
         (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
         (dict(max_tokens=0), "max_tokens"), (dict(max_completion_tokens=-3), "max_completion_tokens"),
-        (dict(max_tokens=10_000), "max_tokens"), (dict(n=2), "n"),
+        (dict(max_tokens=10_000), "max_tokens"), (dict(n=17), "n"),
         (dict(logprobs=True, top_logprobs=99), "top_logprobs"), (dict(tools=[{"type": "function"}]), "tools"),
     ]
     for kw, field in bad:
@@ -173,8 +173,8 @@ def test_lorax_client_with_adapter_id(server):
     with pytest.raises(LoraxValidationError, match="merged_adapters"):
         client.generate(prompt, merged_adapters=lorax.types.MergedAdapters(ids=["alpha", "beta"],
                                                                            weights=[0.5, 0.5], density=1.0))
-    with pytest.raises(LoraxValidationError, match="response_format"):
-        client.generate(prompt, response_format={"type": "json_object", "schema": {}})
+    with pytest.raises(LoraxValidationError, match="response_format: invalid json grammar"):
+        client.generate(prompt, response_format={"type": "json_object", "schema": {"type": "nonsense"}})
 
 
 def test_generate_routes_and_top_level_adapter_id(server):
@@ -223,7 +223,8 @@ def test_sampling_is_reproducible_by_seed(server):
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"temperature": "hot"}, "parameters.temperature"),
     ({"best_of": 2}, "best_of"), ({"watermark": True}, "watermark"), ({"typical_p": 0.5}, "typical_p"),
     ({"return_k_alternatives": 0}, "return_k_alternatives"), ({"top_n_tokens": 50}, "top_n_tokens"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
+    ({"grammar": {"type": "regex", "value": "a(b"}}, "grammar"), ({"grammar": {"type": "xml"}}, "grammar"),
+    ({"grammar": {"type": "json", "value": {"type": "nonsense"}}}, "grammar"),
 ])
 def test_tgi_invalid_parameters_are_422_naming_the_field(server, parameters, field):
     r = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": parameters})

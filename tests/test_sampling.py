@@ -1,9 +1,12 @@
 """Per-request sampling: filters against brute-force references, seeds, reported logprobs."""
 
+import re
+
 import pytest
 import torch
 
-from server.sampling import RowSampler, apply_repetition_penalty, keep_top_k, keep_top_p, sample_batch
+from server.sampling import (RowSampler, apply_repetition_penalty, keep_top_k, keep_top_p, sample_batch,
+                             sample_rows)
 from server.types import InvalidRequestError, SamplingParams
 
 
@@ -23,16 +26,19 @@ def reference_top_p(logits: torch.Tensor, top_p: float) -> set[int]:
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_keeps_the_smallest_set_reaching_p(scale, top_p):
     torch.manual_seed(0)
-    logits = torch.randn(2000, dtype=torch.float64) * scale
-    kept = keep_top_p(logits, top_p)
-    assert set(torch.nonzero(kept > float("-inf"))[:, 0].tolist()) == reference_top_p(logits, top_p)
-    assert torch.equal(kept[kept > float("-inf")], logits[kept > float("-inf")])
+    logits = torch.randn(2, 2000, dtype=torch.float64) * scale
+    probs = torch.softmax(logits, -1)
+    kept = keep_top_p(probs, torch.tensor([top_p, 1.0], dtype=torch.float64))
+    assert set(torch.nonzero(kept[0] > 0)[:, 0].tolist()) == reference_top_p(logits[0], top_p)
+    assert torch.equal(kept[0][kept[0] > 0], probs[0][kept[0] > 0])
+    assert torch.equal(kept[1], probs[1])      # its neighbour's top_p=1 keeps everything
 
 
 def test_top_k_and_repetition_penalty():
     logits = torch.tensor([1.0, 5.0, -2.0, 3.0, 4.0])
-    assert torch.equal(keep_top_k(logits, 2) > float("-inf"), torch.tensor([False, True, False, False, True]))
-    assert torch.equal(keep_top_k(logits, 10), logits)
+    kept = keep_top_k(logits.repeat(3, 1), torch.tensor([2, 10, 0]))
+    assert torch.equal(kept[0] > float("-inf"), torch.tensor([False, True, False, False, True]))
+    assert torch.equal(kept[1], logits) and torch.equal(kept[2], logits)
     pen = apply_repetition_penalty(logits, {1, 2}, 2.0)
     assert pen.tolist() == [1.0, 2.5, -4.0, 3.0, 4.0]
     assert logits[1] == 5.0   # the caller's tensor is untouched
@@ -100,3 +106,74 @@ def test_invalid_params_name_the_field(field, value):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**{field: value}).validate()
     assert e.value.field == field
+
+
+def test_batched_draws_follow_each_rows_filtered_distribution():
+    """Many rows with two different settings drawn in one batched call: each setting's empirical
+    frequencies match its own (temperature, top-k, top-p)-filtered distribution."""
+    n = 3000
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(2 * n, 1)
+    params = [SamplingParams(temperature=0.7, top_k=4), SamplingParams(temperature=1.5, top_p=0.8)] * n
+    drawn = sample_rows(logits, params, torch.rand(2 * n, generator=torch.Generator().manual_seed(0)))
+    freq = torch.stack([torch.bincount(drawn[i::2], minlength=6) / n for i in range(2)])
+    want0 = torch.softmax(keep_top_k(logits[:1] / 0.7, torch.tensor([4])), -1)[0]
+    want1 = keep_top_p(torch.softmax(logits[:1] / 1.5, -1), torch.tensor([0.8]))[0]
+    want1 = want1 / want1.sum()
+    torch.testing.assert_close(freq[0], want0, atol=0.03, rtol=0)
+    torch.testing.assert_close(freq[1], want1, atol=0.03, rtol=0)
+    assert freq[0, 4:].sum() == 0 and freq[1][want1 == 0].sum() == 0   # filtered tokens never drawn
+
+
+def test_logit_bias_applies_to_greedy_and_sampled_rows_but_not_to_reported_logprobs():
+    torch.manual_seed(3)
+    logits = torch.randn(3, 40)
+    params = [SamplingParams(temperature=0, logit_bias={7: 100.0}), SamplingParams(temperature=1.0, seed=1,
+              logit_bias={9: 100.0}), SamplingParams(temperature=0, logit_bias={int(logits[2].argmax()): -100.0})]
+    out = sample_batch(logits, rows(params))
+    ref = torch.log_softmax(logits, -1)
+    assert [o.token_id for o in out[:2]] == [7, 9]
+    assert out[2].token_id == int(logits[2].topk(2).indices[1])
+    assert out[0].logprob == pytest.approx(float(ref[0, 7]), abs=1e-6)
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 100.5}).validate()
+
+
+def test_a_failing_row_fails_alone():
+    torch.manual_seed(4)
+    logits = torch.randn(3, 30)
+    good = [SamplingParams(temperature=0.9, seed=8), SamplingParams(temperature=0)]
+    alone = sample_batch(logits[[0, 2]], rows(good))
+    # A bias on a token outside the vocabulary (the engine refuses such requests; here it stands
+    # for any fault in one row's preparation).
+    bad = SamplingParams(temperature=0.9, seed=9, logit_bias={99: 1.0})
+    out = sample_batch(logits, rows([good[0], bad, good[1]]))
+    assert isinstance(out[1], Exception)
+    assert [o.token_id for o in (out[0], out[2])] == [o.token_id for o in alone]
+
+
+def test_grammar_masks_each_constrained_row(tiny_loaded):
+    from server.grammar import GrammarCompiler
+    from server.types import Grammar
+
+    tok = tiny_loaded.tokenizer
+    compiler = GrammarCompiler(tok, tiny_loaded.config.vocab_size)
+    torch.manual_seed(5)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0)]
+    samplers = [RowSampler(p, p.seed or 0, [1], torch.device("cpu"),
+                           compiler.matcher(Grammar("regex", "(ab|cd)+!")) if i < 2 else None)
+                for i, p in enumerate(params)]
+    texts, done = ["", ""], [False, False]
+    for _ in range(40):
+        logits = torch.randn(3, tiny_loaded.config.vocab_size)
+        live = [i for i in range(2) if not done[i]] + [2]
+        out = sample_batch(logits[live], [samplers[i] for i in live])
+        assert out[-1].token_id == int(logits[2].argmax())      # the free row is untouched
+        for i, o in zip(live[:-1], out[:-1]):
+            texts[i] += tok.decode([o.token_id])
+            done[i] = o.done
+        if all(done):
+            break
+    assert all(done)
+    assert all(re.fullmatch(r"(ab|cd)+!", t) for t in texts), texts
+    with pytest.raises(InvalidRequestError, match="grammar"):
+        compiler.matcher(Grammar("regex", "(unclosed"))
