@@ -225,12 +225,13 @@ def request_label(requested: str | None) -> str:
 
 def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, adapter_ref: str | None,
            validation_status: int = 422, field_names: dict[str, str] | None = None):
-    """Validate and enqueue; raise ApiError for anything the caller did wrong or overload."""
+    """Validate and enqueue → a GuardedHandle; raise ApiError for anything the caller did wrong
+    or overload. Must run on the event loop (the handle's deadline timer lives there)."""
     try:
         params.validate()
         request = GenerationRequest(prompt_ids, params, adapter=adapter_ref, tenant=current_tenant())
         with ctx.auth.charging_caller(request.request_id):
-            return ctx.engine.submit(request)
+            return GuardedHandle(ctx, ctx.engine.submit(request))
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, InvalidRequestError,
             EngineOverloadedError, EngineClosedError, EngineError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings, validation_status, field_names) from None
@@ -356,7 +357,7 @@ async def start_counted(ctx: ServerContext, endpoint: str, requested: str | None
         adapter_ref = await resolve_adapter(ctx, requested)
         label = adapter_label(adapter_ref)
         call = await run_in_threadpool(make_call, adapter_ref)
-        return call, GuardedHandle(ctx, call.submit()), label
+        return call, call.submit(), label
     except ApiError as e:
         ctx.metrics.observe_request(endpoint, e.status, label)
         raise
