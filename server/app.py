@@ -119,7 +119,7 @@ def create_app(engine, registry, loaded, settings: ServerSettings | None = None)
     async def lifespan(app: FastAPI):
         ctx.ready = True
         yield
-        ctx.ready = False   # /ready fails while uvicorn drains in-flight requests
+        ctx.ready = False   # /ready fails from here on (draining, see serve.py, turned it 503 earlier)
 
     # No trailing-slash redirects: Starlette builds their Location from the client's Host header.
     app = FastAPI(title="llama-adapter-server", version="0.1.0", lifespan=lifespan, redirect_slashes=False,

@@ -105,9 +105,9 @@ class ApiError(Exception):
 
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 405: "invalid_request_error", 408: "timeout",
-                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-                 503: "server_overloaded", 504: "timeout"}
+                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                 422: "invalid_request_error", 429: "rate_limit_error", 503: "server_overloaded",
+                 504: "timeout"}
 _OPENAI_CODES = {"not_found": "model_not_found", "overloaded": "server_overloaded",
                  "too_large": "request_too_large", "timeout": "timeout",
                  "rate_limited": "rate_limit_exceeded", "auth": "invalid_api_key"}
