@@ -43,6 +43,11 @@ def check_composition(parts: RowAdapters) -> None:
                                "composed with other adapters; call it alone")
 
 
+def position_shift(parts: RowAdapters) -> int:
+    """How far a row's RoPE positions move (its prefix-tuning prefix length, else 0)."""
+    return sum(r.prefix_len for r, _ in parts if isinstance(r, PrefixWeights))
+
+
 class LayerAdapters:
     """One layer's adapter inputs for a batch (what Attention and FeedForward receive)."""
 
