@@ -13,12 +13,14 @@ import math
 import re
 
 from adapters.names import AdapterNameError, parse_ref
+from adapters.validation import AdapterValidationError
 
 _WEIGHT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
 def parse_composition(ref: str) -> list[tuple[str, float]]:
-    """'a:0.7+b@2' → [('a', 0.7), ('b@2', 1.0)]; names and versions checked, weights finite."""
+    """'a:0.7+b@2' → [('a', 0.7), ('b@2', 1.0)]. A bad name is an AdapterNameError (a 404 at
+    the API, like any unknown adapter); a bad weight or a repeated adapter an AdapterValidationError."""
     if not isinstance(ref, str) or not ref:
         raise AdapterNameError(f"invalid adapter reference {ref!r}")
     parts = []
@@ -26,14 +28,14 @@ def parse_composition(ref: str) -> list[tuple[str, float]]:
         name_ref, sep, weight = part.partition(":")
         parse_ref(name_ref)
         if sep and not _WEIGHT.fullmatch(weight):
-            raise AdapterNameError(f"invalid adapter weight {weight!r} in {ref!r}: expected name[@N][:weight]")
+            raise AdapterValidationError(f"invalid adapter weight {weight!r} in {ref!r}: expected name[@N][:weight]")
         w = float(weight) if sep else 1.0
         if not math.isfinite(w):
-            raise AdapterNameError(f"adapter weight {weight!r} in {ref!r} is not finite")
+            raise AdapterValidationError(f"adapter weight {weight!r} in {ref!r} is not finite")
         parts.append((name_ref, w))
     names = [parse_ref(r)[0] for r, _ in parts]
     if len(set(names)) != len(names):
-        raise AdapterNameError(f"{ref!r} names an adapter twice")
+        raise AdapterValidationError(f"{ref!r} names an adapter twice")
     return parts
 
 
@@ -48,10 +50,10 @@ def format_composition(parts: list[tuple[str, float]]) -> str:
 def from_ids_and_weights(ids: list[str], weights: list[float] | None) -> str:
     """TGI/LoRAX-style `adapter_ids` + `adapter_weights` → one composed reference."""
     if weights is not None and len(weights) != len(ids):
-        raise AdapterNameError(f"{len(ids)} adapter ids but {len(weights)} adapter weights")
+        raise AdapterValidationError(f"{len(ids)} adapter ids but {len(weights)} adapter weights")
     if any(":" in i or "+" in i for i in ids):
-        raise AdapterNameError("adapter ids are plain 'name' or 'name@N' (weights go in adapter_weights)")
+        raise AdapterValidationError("adapter ids are plain 'name' or 'name@N' (weights go in adapter_weights)")
     for w in weights or ():
         if not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise AdapterNameError(f"adapter weight {w!r} is not a finite number")
+            raise AdapterValidationError(f"adapter weight {w!r} is not a finite number")
     return format_composition(list(zip(ids, weights if weights is not None else [1.0] * len(ids))))

@@ -37,6 +37,7 @@ class VersionOut(BaseModel):
     gate_kind: str
     base_fingerprint: str
     param_count: int
+    kind: str = "llama-adapter"
 
 
 class AdapterOut(BaseModel):
