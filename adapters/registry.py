@@ -17,8 +17,10 @@ import logging
 
 import torch
 
+from adapters.archive import import_peft_archive
 from adapters.compose import format_composition, is_composed, parse_composition
-from adapters.format import AdapterFormatError, AnyAdapterWeights, check_fits, load_adapter
+from adapters.format import AdapterFormatError, AnyAdapterWeights, check_fits, load_adapter, metadata_for
+from adapters.importers import AdapterImportError, adapter_file_bytes
 from adapters.names import AdapterNameError, check_name, parse_ref
 from adapters.pool import AdapterPool, PoolConfig, PoolStats
 from adapters.prefix_kv import compute_prefix_kv, kv_cache_filename, load_prefix_kv, save_prefix_kv
@@ -219,6 +221,17 @@ class AdapterRegistry:
         self._pool.acquire(key, lambda: kv)
         self._pool.release(key)
         return info
+
+    def upload_peft_archive(self, name: str, data: bytes, allow_fingerprint_mismatch: bool = False) -> VersionInfo:
+        """A PEFT adapter folder as a zip or tar (any peft_type we import): convert, then `upload`."""
+        check_name(name)
+        try:
+            imported = import_peft_archive(data, self.model.config)
+        except AdapterImportError as e:
+            raise AdapterValidationError(str(e)) from None
+        meta = metadata_for(imported.weights, self.model, imported.source, imported.extra, self.fingerprint)
+        return self.upload(name, adapter_file_bytes(imported.weights, meta), source=imported.source,
+                           allow_fingerprint_mismatch=allow_fingerprint_mismatch)
 
     def delete(self, name: str, version: int | None = None) -> list[VersionInfo]:
         """Delete a version (or all); leased versions stay resident until their leases end."""
