@@ -129,11 +129,11 @@ def _imported(peft_model, ours, tmp_path, label="peft"):
     return imported
 
 
-def _greedy_with(ours, greedy, prompt, weights, n=12):
+def _greedy_with(ours, greedy, prompt, weights, n=12, stop_ids=()):
     from model.batch_adapters import BatchAdapters
 
     resident = compute_adapter_kv(ours, weights) if isinstance(weights, AdapterWeights) else weights
-    return greedy(ours, prompt, n, BatchAdapters.build([((resident, 1.0),)], ours.config.n_layers))
+    return greedy(ours, prompt, n, BatchAdapters.build([((resident, 1.0),)], ours.config.n_layers), stop_ids)
 
 
 @pytest.mark.parametrize("targets,rank,alpha,rslora,layers", [
@@ -188,3 +188,21 @@ def test_prefix_tuning_matches_peft(tiny_hf, tmp_path, greedy):
     ids = torch.tensor([prompt])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits[0], _ours_logits(ours, ids, w), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_default_model_lora_and_prefix_tuning_match_peft(default_model, tmp_path, greedy):
+    lm = default_model
+    prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "Write one sentence about the sea."}])
+    stop = lm.tokenizer.stop_ids
+    for label, config, names, std in (
+            ("lora", peft.LoraConfig(r=16, lora_alpha=16, use_rslora=True, task_type="CAUSAL_LM",
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"]), ("lora_A", "lora_B"), 0.05),
+            ("prefix", peft.PrefixTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM"), ("prompt_encoder",), 0.5)):
+        base = transformers.AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+        peft_model = _randomize(peft.get_peft_model(base, config).eval(), names, std, 13)
+        w = _imported(peft_model, lm.model, tmp_path, label).weights
+        ours_out = _greedy_with(lm.model, greedy, prompt, w, 20, stop)
+        _assert_peft_agrees(peft_model, prompt, ours_out)
+        _assert_base_differs(lm.model, prompt, ours_out[0])
