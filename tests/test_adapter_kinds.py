@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from adapter_helpers import adapter_bytes, random_lora, random_prefix, tree_snapshot
+from conftest import greedy_generate
 from test_engine import greedy, prompt_of, random_adapter, run_until_done, tiny_loaded_model
 
 from adapters.format import load_adapter, metadata_for, save_adapter
@@ -56,15 +57,9 @@ def _resident(model, w):
 
 
 def reference(model, prompt, parts, n):
-    """Greedy by full recomputation (no KV cache, batch of one) with the row's adapters."""
+    """Greedy with the plainest KV-cache loop (conftest), batch of one, with the row's adapters."""
     adapters = BatchAdapters.build([tuple((_resident(model, w), x) for w, x in parts)], model.config.n_layers)
-    ids, logprobs = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            lp = torch.log_softmax(model(torch.tensor([ids]), adapters=adapters)[0, -1], -1)
-            ids.append(int(lp.argmax()))
-            logprobs.append(float(lp[ids[-1]]))
-    return ids[len(prompt):], logprobs
+    return greedy_generate(model, prompt, n, adapters)
 
 
 def test_every_kind_round_trips_through_the_store(loaded, registry):

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from adapters.format import check_fits, load_adapter
 from adapters.store import AdapterStore
 from http_harness import ADMIN_TOKEN, live_server
-from model.adapter import AdapterBatch, compute_adapter_kv
+from model.adapter import AdapterBatch, AdapterWeights, compute_adapter_kv
+from model.batch_adapters import BatchAdapters
 from training import cli
 from training.config import TrainConfig, load_recipe
 from training.data import (IGNORE, DataError, Example, alpaca_prompt, collate, encode_record,
@@ -199,11 +200,12 @@ def test_fresh_adapter_is_the_base_model_and_only_it_trains(fresh_tiny_loaded):
 # ---- loop ---------------------------------------------------------------------------------------
 
 def served_loss(base, weights, examples) -> float:
-    """Token-mean loss through the serving path (AdapterBatch.build), base model if weights is None."""
+    """Token-mean loss through the serving path (BatchAdapters.build), base model if weights is None;
+    any adapter kind."""
     total, n = 0.0, 0
+    resident = compute_adapter_kv(base, weights) if isinstance(weights, AdapterWeights) else weights
+    adapters = None if weights is None else BatchAdapters.build([((resident, 1.0),)], base.config.n_layers)
     for e in examples:
-        adapters = None if weights is None else AdapterBatch.build([compute_adapter_kv(base, weights)],
-                                                                   base.config.n_layers)
         with torch.no_grad():
             logits = base(torch.tensor([e.input_ids]), adapters=adapters)[0]
         total += float(F.cross_entropy(logits[:-1], torch.tensor(e.labels[1:]), ignore_index=IGNORE,
@@ -334,7 +336,6 @@ def test_other_methods_learn_and_their_file_is_served(fresh_tiny_loaded, tiny_mo
     """--method lora / prefix-tuning: same loop, loss falls below the base model's, and the written
     file loads into a registry and changes what the engine generates."""
     from adapters.registry import AdapterRegistry
-    from model.batch_adapters import BatchAdapters
     from server.engine import Engine
     from server.types import EngineConfig, GenerationRequest, SamplingParams
 
@@ -347,17 +348,7 @@ def test_other_methods_learn_and_their_file_is_served(fresh_tiny_loaded, tiny_mo
     assert meta.kind == method and meta.extra["recipe"]["method"] == method
     base, tok = fresh_tiny_loaded.model, fresh_tiny_loaded.tokenizer
     data = load_dataset(toy_data, tok, 200, 0.05, 200, 0)
-
-    def loss(adapters):
-        total, n = 0.0, 0
-        for e in data.train:
-            with torch.no_grad():
-                logits = base(torch.tensor([e.input_ids]), adapters=adapters)[0]
-            total += float(F.cross_entropy(logits[:-1], torch.tensor(e.labels[1:]), ignore_index=IGNORE,
-                                           reduction="sum"))
-            n += e.n_targets
-        return total / n
-    assert loss(BatchAdapters.build([((weights, 1.0),)], base.config.n_layers)) < loss(None) - 0.05
+    assert served_loss(base, weights, data.train) < served_loss(base, None, data.train) - 0.05
     if method == "lora":
         assert meta.lora_rank == 4 and meta.lora_targets == ("q", "v", "down") and weights.layers == [2, 3]
     registry = AdapterRegistry(AdapterStore(tmp_path / "store"), fresh_tiny_loaded.model, fresh_tiny_loaded.fingerprint)
