@@ -229,7 +229,9 @@ class Transformer(nn.Module):
         ctx = _StepContext(cache, slots, positions, self.config.n_heads // self.config.n_kv_heads,
                            adapters, dtype)
         shift = adapters.position_offsets if adapters is not None else None
-        rope_pos = positions if shift is None else positions + shift[:, None]
+        # A shifted row's padding positions may run past the table (real ones never do: the engine
+        # refuses requests whose prefix + length exceed it); padding outputs are discarded.
+        rope_pos = positions if shift is None else (positions + shift[:, None]).clamp(max=self.rope_cos.shape[0] - 1)
         cos = self.rope_cos[rope_pos].to(dtype).unsqueeze(1)    # [B, 1, T, D]
         sin = self.rope_sin[rope_pos].to(dtype).unsqueeze(1)
         for i in layers if layers is not None else range(len(self.layers)):
