@@ -13,6 +13,7 @@ asks it for each layer's inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -97,4 +98,4 @@ class BatchAdapters:
 
 
 def _scaled(kv: AdapterKV, weight: float) -> AdapterKV:
-    return AdapterKV(kv.keys, kv.values, kv.gates * weight, kv.layers)
+    return dataclasses.replace(kv, gates=kv.gates * weight)
