@@ -40,8 +40,9 @@ def register(subparsers) -> None:
                        help=f"adapter store directory (default: ${STORE_ENV}, else the user data "
                             "directory's llama-adapter-server/adapters)")
 
-    p = sub.add_parser("import", help="import a PEFT or official LLaMA-Adapter checkpoint")
-    p.add_argument("src", type=Path, help="PEFT adapter folder, or official .pth file")
+    p = sub.add_parser("import", help="import a PEFT (adaption prompt, LoRA, prefix tuning) or official "
+                                      "LLaMA-Adapter checkpoint")
+    p.add_argument("src", type=Path, help="PEFT adapter folder (its peft_type picks the kind), or official .pth file")
     p.add_argument("--format", required=True, choices=("peft", "llama-adapter"))
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--name", help="store it under this name (a folder of several PEFT adapters "
@@ -99,8 +100,8 @@ def _cmd_import(args) -> None:
         a = imported[0]
         meta = metadata_for(a.weights, loaded.model, a.source, a.extra, loaded.fingerprint)
         write_validated_adapter(args.out, a.weights, meta, loaded.model, loaded.fingerprint)
-        print(f"wrote {args.out} ({a.weights.param_count()} parameters, layers "
-              f"{_layer_span(a.weights.layers)}, K={a.weights.adapter_len})")
+        print(f"wrote {args.out} ({meta.kind}, {a.weights.param_count()} parameters, layers "
+              f"{_layer_span(a.weights.layers)}{_shape_note(meta)})")
         return
     names = {a.label: args.name if len(imported) == 1 else f"{args.name}-{a.label}" for a in imported}
     for name in names.values():
@@ -109,8 +110,8 @@ def _cmd_import(args) -> None:
     for a in imported:
         meta = metadata_for(a.weights, loaded.model, a.source, a.extra, loaded.fingerprint)
         info = registry.upload(names[a.label], adapter_file_bytes(a.weights, meta), source=a.source)
-        print(f"imported {a.label} as {info.ref} ({info.param_count} parameters, "
-              f"layers {_layer_span(info.layers)}, K={info.adapter_len}) into {registry.store.root}")
+        print(f"imported {a.label} as {info.ref} ({meta.kind}, {info.param_count} parameters, "
+              f"layers {_layer_span(info.layers)}{_shape_note(meta)}) into {registry.store.root}")
 
 
 def _cmd_list(args) -> None:
@@ -121,10 +122,10 @@ def _cmd_list(args) -> None:
     if not adapters:
         print("no adapters")
         return
-    rows = [("NAME", "LATEST", "VERSIONS", "K", "LAYERS", "GATE", "PARAMS", "SIZE", "CREATED", "SOURCE")]
+    rows = [("NAME", "KIND", "LATEST", "VERSIONS", "K", "LAYERS", "GATE", "PARAMS", "SIZE", "CREATED", "SOURCE")]
     for a in adapters:
         v = a.latest
-        rows.append((a.name, str(v.version), str(len(a.versions)), str(v.adapter_len),
+        rows.append((a.name, v.kind, str(v.version), str(len(a.versions)), str(v.adapter_len or "-"),
                      _layer_span(v.layers), v.gate_kind, str(v.param_count), _size(v.size),
                      datetime.fromtimestamp(v.created).strftime("%Y-%m-%d %H:%M"), v.source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -140,8 +141,10 @@ def _cmd_show(args) -> None:
         return
     info = store.resolve(args.ref)
     _, meta = load_adapter(store.path(info))
+    lora = ({"lora_rank": meta.lora_rank, "lora_alpha": meta.lora_alpha, "lora_rslora": meta.lora_rslora,
+             "lora_targets": list(meta.lora_targets)} if meta.kind == "lora" else {})
     print(json.dumps({**info.to_dict(), "base_dim": meta.base_dim, "base_n_layers": meta.base_n_layers,
-                      "base_n_heads": meta.base_n_heads, "extra": meta.extra}, indent=2))
+                      "base_n_heads": meta.base_n_heads, **lora, "extra": meta.extra}, indent=2))
 
 
 def _cmd_delete(args) -> None:
@@ -155,7 +158,13 @@ def _cmd_export(args) -> None:
     info: VersionInfo = store.resolve(args.ref)
     weights, meta = load_adapter(store.path(info))
     out = export_peft(weights, meta, args.out)
-    print(f"exported {info.ref} to {out} (PEFT adaption_prompt)")
+    print(f"exported {info.ref} to {out} (PEFT {meta.kind})")
+
+
+def _shape_note(meta) -> str:
+    if meta.kind == "lora":
+        return f", r={meta.lora_rank} on {','.join(meta.lora_targets)}"
+    return f", {'P' if meta.kind == 'prefix-tuning' else 'K'}={meta.adapter_len}"
 
 
 def _layer_span(layers) -> str:

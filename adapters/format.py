@@ -1,20 +1,31 @@
 """The adapter file format (a public interface: keep it stable; bump FORMAT_VERSION on change).
 
-An adapter is one safetensors file:
+An adapter is one safetensors file. Its metadata ``kind`` says which member of the adapter
+family it is; each kind has its own tensors (``i`` = the model's layer index, 0-based):
 
-Tensors (one pair per adapted layer ``i``, ``i`` = the model's layer index, 0-based):
-  ``layers.{i}.prompt``  [K, dim]  float32 | float16 | bfloat16 — the adaption prompt P_i
-  ``layers.{i}.gate``    [G]       same dtype — the *effective* gate (G = 1: one per layer as
-                                   PEFT stores it; G = n_heads: one per head as in the paper).
-                                   It multiplies the prompt attention as is; importers of
-                                   checkpoints that use tanh(gate) store tanh already applied.
+``kind = "llama-adapter"`` (LLaMA-Adapter, arXiv 2303.16199; the only kind of version-1 files)
+  ``layers.{i}.prompt``  [K, dim]  — the adaption prompt P_i
+  ``layers.{i}.gate``    [G]       — the *effective* gate (G = 1: one per layer as PEFT stores
+                                   it; G = n_heads: one per head as in the paper). It multiplies
+                                   the prompt attention as is; importers of checkpoints that use
+                                   tanh(gate) store tanh already applied.
+``kind = "lora"`` (LoRA: delta s·B·A on each target projection of each listed layer)
+  ``layers.{i}.lora.{t}.A``  [r, in]   t ∈ q, k, v, o, gate, up, down (the same targets in
+  ``layers.{i}.lora.{t}.B``  [out, r]  every listed layer); s = alpha/r, or alpha/√r (rsLoRA)
+``kind = "prefix-tuning"`` (PEFT prefix tuning: joint softmax over prefix and tokens, no gate)
+  ``layers.{i}.prefix.keys``    [n_kv_heads, P, head_dim]   every layer of the model
+  ``layers.{i}.prefix.values``  [n_kv_heads, P, head_dim]
+Tensors are float32 | float16 | bfloat16.
 
 Metadata (safetensors ``__metadata__``, all strings):
   ``format``               "llama-adapter"          (required)
-  ``format_version``       "1"                       (required)
-  ``adapter_len``          K                         (required)
+  ``format_version``       "2" (version "1" files, which have no ``kind``, still load)
+  ``kind``                 "llama-adapter" | "lora" | "prefix-tuning" (required from version 2)
   ``layers``               "28,29,..." ascending     (required; must match the tensors)
-  ``gate_kind``            "scalar" | "per_head"     (required)
+  ``adapter_len``          K (llama-adapter), P (prefix-tuning), "0" (lora)
+  ``gate_kind``            "scalar" | "per_head" (llama-adapter), "none" (other kinds)
+  ``lora_rank``, ``lora_alpha``, ``lora_rslora`` ("true"/"false"), ``lora_targets``
+                           ("q,v", in the order above)   (lora only, required)
   ``base_dim``, ``base_n_layers``, ``base_n_heads``   (required) shape of the base model
   ``base_fingerprint``     model.fingerprint.base_fingerprint of the base (required; "" = unknown)
   ``source``               "uploaded" | "imported:peft" | "imported:llama-adapter" | "trained" ...
@@ -35,11 +46,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.adapter import AdapterWeights
+from model.lora import LORA_TARGETS, LoraWeights, target_shape
+from model.prefix_tuning import PrefixWeights
 
 FORMAT_NAME = "llama-adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+KINDS = ("llama-adapter", "lora", "prefix-tuning")
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]{0,3})\.(prompt|gate)$")
+_TENSOR_NAME = re.compile(
+    r"^layers\.(0|[1-9][0-9]{0,3})\.(prompt|gate|lora\.(?:q|k|v|o|gate|up|down)\.[AB]|prefix\.(?:keys|values))$")
+
+AnyAdapterWeights = AdapterWeights | LoraWeights | PrefixWeights
 
 
 class AdapterFormatError(ValueError):
@@ -57,38 +75,69 @@ class AdapterMetadata:
     base_fingerprint: str = ""
     source: str = "uploaded"
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = "llama-adapter"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_rslora: bool = False
+    lora_targets: tuple[str, ...] = ()
 
     def to_strings(self) -> dict[str, str]:
-        return {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        out = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
             "adapter_len": str(self.adapter_len), "layers": ",".join(map(str, self.layers)),
             "gate_kind": self.gate_kind, "base_dim": str(self.base_dim),
             "base_n_layers": str(self.base_n_layers), "base_n_heads": str(self.base_n_heads),
             "base_fingerprint": self.base_fingerprint, "source": self.source,
             "extra": json.dumps(self.extra, sort_keys=True),
         }
+        if self.kind == "lora":
+            out.update(lora_rank=str(self.lora_rank), lora_alpha=repr(float(self.lora_alpha)),
+                       lora_rslora="true" if self.lora_rslora else "false",
+                       lora_targets=",".join(self.lora_targets))
+        return out
 
     @classmethod
     def from_strings(cls, m: dict[str, str] | None) -> "AdapterMetadata":
         if not m or m.get("format") != FORMAT_NAME:
             raise AdapterFormatError(f"not a {FORMAT_NAME} file (metadata 'format' missing or wrong)")
-        if m.get("format_version") != FORMAT_VERSION:
-            raise AdapterFormatError(f"unsupported format_version {m.get('format_version')!r}")
+        version = m.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise AdapterFormatError(f"unsupported format_version {version!r}")
+        kind = m.get("kind", "llama-adapter") if version != "1" else "llama-adapter"
+        if version != "1" and "kind" not in m:
+            raise AdapterFormatError("metadata 'kind' missing (required from format_version 2)")
+        if kind not in KINDS:
+            raise AdapterFormatError(f"unknown adapter kind {kind!r} (known: {', '.join(KINDS)})")
         try:
             layers = [_decimal(x) for x in m["layers"].split(",")] if m.get("layers") else []
             meta = cls(
                 adapter_len=_decimal(m["adapter_len"]), layers=layers, gate_kind=m["gate_kind"],
                 base_dim=_decimal(m["base_dim"]), base_n_layers=_decimal(m["base_n_layers"]),
                 base_n_heads=_decimal(m["base_n_heads"]), base_fingerprint=m.get("base_fingerprint", ""),
-                source=m.get("source", "uploaded"), extra=json.loads(m.get("extra") or "{}"))
+                source=m.get("source", "uploaded"), extra=json.loads(m.get("extra") or "{}"), kind=kind)
+            if kind == "lora":
+                meta.lora_rank, meta.lora_alpha = _decimal(m["lora_rank"]), float(m["lora_alpha"])
+                meta.lora_rslora = {"true": True, "false": False}[m["lora_rslora"]]
+                meta.lora_targets = tuple(m["lora_targets"].split(",")) if m["lora_targets"] else ()
         except (KeyError, ValueError, TypeError, RecursionError) as e:   # RecursionError: nested 'extra'
             raise AdapterFormatError(f"bad metadata field: {e}") from None
-        if meta.gate_kind not in ("scalar", "per_head"):
-            raise AdapterFormatError(f"gate_kind must be 'scalar' or 'per_head', got {meta.gate_kind!r}")
         if not layers or layers != sorted(set(layers)):
             raise AdapterFormatError("metadata 'layers' must be a non-empty ascending list")
-        if meta.adapter_len < 1:   # K = 0 would pass the shape checks and give NaN attention
-            raise AdapterFormatError(f"adapter_len must be at least 1, got {meta.adapter_len}")
+        if kind == "llama-adapter":
+            if meta.gate_kind not in ("scalar", "per_head"):
+                raise AdapterFormatError(f"gate_kind must be 'scalar' or 'per_head', got {meta.gate_kind!r}")
+            if meta.adapter_len < 1:   # K = 0 would pass the shape checks and give NaN attention
+                raise AdapterFormatError(f"adapter_len must be at least 1, got {meta.adapter_len}")
+        elif kind == "prefix-tuning" and meta.adapter_len < 1:
+            raise AdapterFormatError(f"adapter_len (the prefix length) must be at least 1, got {meta.adapter_len}")
+        elif kind == "lora":
+            unknown = [t for t in meta.lora_targets if t not in LORA_TARGETS]
+            if unknown or not meta.lora_targets:
+                raise AdapterFormatError(
+                    f"lora_targets {list(meta.lora_targets)}: must be a non-empty subset of {list(LORA_TARGETS)}")
+            if meta.lora_rank < 1 or not meta.lora_alpha == meta.lora_alpha or abs(meta.lora_alpha) == float("inf"):
+                raise AdapterFormatError(f"lora_rank must be >= 1 and lora_alpha finite "
+                                         f"(got {meta.lora_rank}, {meta.lora_alpha})")
         return meta
 
 
@@ -99,25 +148,47 @@ def _decimal(text: str) -> int:
     return int(text)
 
 
-def metadata_for(weights: AdapterWeights, model, source: str, extra: dict[str, Any] | None = None,
+def metadata_for(weights: AnyAdapterWeights, model, source: str, extra: dict[str, Any] | None = None,
                  fingerprint: str = "") -> AdapterMetadata:
     cfg = model.config if hasattr(model, "config") else model
-    return AdapterMetadata(
-        adapter_len=weights.adapter_len, layers=list(weights.layers), gate_kind=weights.gate_kind,
-        base_dim=cfg.dim, base_n_layers=cfg.n_layers, base_n_heads=cfg.n_heads,
-        base_fingerprint=fingerprint, source=source, extra=dict(extra or {}))
+    common = dict(base_dim=cfg.dim, base_n_layers=cfg.n_layers, base_n_heads=cfg.n_heads,
+                  base_fingerprint=fingerprint, source=source, extra=dict(extra or {}))
+    if isinstance(weights, LoraWeights):
+        return AdapterMetadata(adapter_len=0, layers=list(weights.layers), gate_kind="none", kind="lora",
+                               lora_rank=weights.rank, lora_alpha=weights.alpha,
+                               lora_rslora=weights.use_rslora, lora_targets=weights.targets, **common)
+    if isinstance(weights, PrefixWeights):
+        return AdapterMetadata(adapter_len=weights.prefix_len, layers=weights.layers, gate_kind="none",
+                               kind="prefix-tuning", **common)
+    return AdapterMetadata(adapter_len=weights.adapter_len, layers=list(weights.layers),
+                           gate_kind=weights.gate_kind, **common)
 
 
-def save_adapter(path: str | Path, weights: AdapterWeights, meta: AdapterMetadata) -> None:
+def _tensors_of(weights: AnyAdapterWeights) -> dict[str, torch.Tensor]:
+    if isinstance(weights, LoraWeights):
+        return {f"layers.{layer}.lora.{t}.{ab}": m[t][i]
+                for i, layer in enumerate(weights.layers) for t in weights.targets
+                for ab, m in (("A", weights.a), ("B", weights.b))}
+    if isinstance(weights, PrefixWeights):
+        return {f"layers.{layer}.prefix.{n}": t[layer] for layer in weights.layers
+                for n, t in (("keys", weights.keys), ("values", weights.values))}
+    return {f"layers.{layer}.{n}": t[i] for i, layer in enumerate(weights.layers)
+            for n, t in (("prompt", weights.prompts), ("gate", weights.gates))}
+
+
+def save_adapter(path: str | Path, weights: AnyAdapterWeights, meta: AdapterMetadata) -> None:
     """Write an adapter file (not atomic by itself; the store wraps it in temp + rename)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for i, layer in enumerate(weights.layers):
-        tensors[f"layers.{layer}.prompt"] = weights.prompts[i].detach().contiguous().cpu()
-        tensors[f"layers.{layer}.gate"] = weights.gates[i].detach().contiguous().cpu()
+    tensors = {n: t.detach().contiguous().cpu() for n, t in _tensors_of(weights).items()}
     save_file(tensors, str(path), metadata=meta.to_strings())
 
 
-def load_adapter(path: str | Path) -> tuple[AdapterWeights, AdapterMetadata]:
+def _expected_names(meta: AdapterMetadata) -> set[str]:
+    per_layer = {"llama-adapter": ("prompt", "gate"), "prefix-tuning": ("prefix.keys", "prefix.values"),
+                 "lora": tuple(f"lora.{t}.{ab}" for t in meta.lora_targets for ab in "AB")}[meta.kind]
+    return {f"layers.{i}.{n}" for i in meta.layers for n in per_layer}
+
+
+def load_adapter(path: str | Path) -> tuple[AnyAdapterWeights, AdapterMetadata]:
     """Read and structurally check an adapter file (shape checks against a model: `check_fits`)."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -128,21 +199,26 @@ def load_adapter(path: str | Path) -> tuple[AdapterWeights, AdapterMetadata]:
         raise
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise AdapterFormatError(f"not a readable safetensors file: {e}") from None
-    expected = {f"layers.{i}.{kind}" for i in meta.layers for kind in ("prompt", "gate")}
+    expected = _expected_names(meta)
     unexpected = sorted(n for n in names if n not in expected or not _TENSOR_NAME.match(n))
     if unexpected:
         raise AdapterFormatError(f"unexpected tensors: {unexpected[:5]}")
     missing = sorted(expected - names)
     if missing:
         raise AdapterFormatError(f"missing tensors: {missing[:5]}")
+    for name, t in tensors.items():
+        if t.dtype not in ALLOWED_DTYPES:
+            raise AdapterFormatError(f"{name}: dtype {t.dtype} not allowed (float32/float16/bfloat16)")
+        if not torch.isfinite(t).all():
+            raise AdapterFormatError(f"{name}: contains NaN or Inf")
+    read = {"llama-adapter": _read_llama_adapter, "lora": _read_lora, "prefix-tuning": _read_prefix}
+    return read[meta.kind](meta, tensors), meta
+
+
+def _read_llama_adapter(meta: AdapterMetadata, tensors: dict[str, torch.Tensor]) -> AdapterWeights:
     prompts, gates = [], []
     for i in meta.layers:
         p, g = tensors[f"layers.{i}.prompt"], tensors[f"layers.{i}.gate"]
-        for name, t in ((f"layers.{i}.prompt", p), (f"layers.{i}.gate", g)):
-            if t.dtype not in ALLOWED_DTYPES:
-                raise AdapterFormatError(f"{name}: dtype {t.dtype} not allowed (float32/float16/bfloat16)")
-            if not torch.isfinite(t).all():
-                raise AdapterFormatError(f"{name}: contains NaN or Inf")
         if p.shape != (meta.adapter_len, meta.base_dim):
             raise AdapterFormatError(
                 f"layers.{i}.prompt: shape {tuple(p.shape)} != ({meta.adapter_len}, {meta.base_dim})")
@@ -151,12 +227,45 @@ def load_adapter(path: str | Path) -> tuple[AdapterWeights, AdapterMetadata]:
             raise AdapterFormatError(f"layers.{i}.gate: shape {tuple(g.shape)} != ({want_g},)")
         prompts.append(p.float())
         gates.append(g.float())
-    return AdapterWeights(list(meta.layers), torch.stack(prompts), torch.stack(gates)), meta
+    return AdapterWeights(list(meta.layers), torch.stack(prompts), torch.stack(gates))
+
+
+def _read_lora(meta: AdapterMetadata, tensors: dict[str, torch.Tensor]) -> LoraWeights:
+    """A [r, in] and B [out, r], the same shape in every layer (in/out checked by check_fits)."""
+    r = meta.lora_rank
+    a, b = {}, {}
+    for t in meta.lora_targets:
+        a_list = [tensors[f"layers.{i}.lora.{t}.A"] for i in meta.layers]
+        b_list = [tensors[f"layers.{i}.lora.{t}.B"] for i in meta.layers]
+        for i, (ta, tb) in zip(meta.layers, zip(a_list, b_list)):
+            if ta.dim() != 2 or tb.dim() != 2 or ta.shape[0] != r or tb.shape[1] != r:
+                raise AdapterFormatError(
+                    f"layers.{i}.lora.{t}: A {tuple(ta.shape)} / B {tuple(tb.shape)} are not "
+                    f"[{r}, in] / [out, {r}] (lora_rank {r})")
+            if ta.shape != a_list[0].shape or tb.shape != b_list[0].shape:
+                raise AdapterFormatError(f"layers.{i}.lora.{t}: shape differs from layer {meta.layers[0]}'s")
+        a[t] = torch.stack(a_list).float()
+        b[t] = torch.stack(b_list).float()
+    return LoraWeights(list(meta.layers), r, meta.lora_alpha, meta.lora_rslora, a, b)
+
+
+def _read_prefix(meta: AdapterMetadata, tensors: dict[str, torch.Tensor]) -> PrefixWeights:
+    if meta.layers != list(range(meta.base_n_layers)):
+        raise AdapterFormatError("a prefix-tuning adapter has a prefix in every layer of its base model")
+    keys = [tensors[f"layers.{i}.prefix.keys"] for i in meta.layers]
+    values = [tensors[f"layers.{i}.prefix.values"] for i in meta.layers]
+    for i, k, v in zip(meta.layers, keys, values):
+        if k.dim() != 3 or k.shape != keys[0].shape or v.shape != k.shape or k.shape[1] != meta.adapter_len:
+            raise AdapterFormatError(
+                f"layers.{i}.prefix: keys {tuple(k.shape)} / values {tuple(v.shape)} are not both "
+                f"[n_kv_heads, {meta.adapter_len}, head_dim] like layer 0's")
+    return PrefixWeights(torch.stack(keys).float(), torch.stack(values).float())
 
 
 def check_fits(meta: AdapterMetadata, model, fingerprint: str | None = None,
-               allow_fingerprint_mismatch: bool = False) -> None:
-    """Raise AdapterFormatError unless the adapter fits this base model."""
+               allow_fingerprint_mismatch: bool = False, weights: AnyAdapterWeights | None = None) -> None:
+    """Raise AdapterFormatError unless the adapter fits this base model (`weights`: also check
+    the shapes that depend on more of the model's config than the metadata records)."""
     cfg = model.config
     if (meta.base_dim, meta.base_n_layers, meta.base_n_heads) != (cfg.dim, cfg.n_layers, cfg.n_heads):
         raise AdapterFormatError(
@@ -166,6 +275,18 @@ def check_fits(meta: AdapterMetadata, model, fingerprint: str | None = None,
     bad = [i for i in meta.layers if not 0 <= i < cfg.n_layers]
     if bad:
         raise AdapterFormatError(f"adapter layers {bad} do not exist in a {cfg.n_layers}-layer model")
+    if isinstance(weights, LoraWeights):
+        for t in weights.targets:
+            d_in, d_out = target_shape(cfg, t)
+            a, b = weights.a[t], weights.b[t]
+            if a.shape[2] != d_in or b.shape[1] != d_out:
+                raise AdapterFormatError(
+                    f"lora target {t!r}: A is [r, {a.shape[2]}] and B [{b.shape[1]}, r]; this model's "
+                    f"{t} projection needs [r, {d_in}] and [{d_out}, r]")
+    if isinstance(weights, PrefixWeights) and tuple(weights.keys.shape[1::2]) != (cfg.n_kv_heads, cfg.head_dim):
+        raise AdapterFormatError(
+            f"prefix keys/values are [{weights.keys.shape[1]}, P, {weights.keys.shape[3]}]; this model "
+            f"needs [{cfg.n_kv_heads}, P, {cfg.head_dim}] (n_kv_heads, P, head_dim)")
     # An adapter that does not say which base it was made for is a mismatch too: its maker
     # could have trained it on any model of this shape.
     if fingerprint and meta.base_fingerprint != fingerprint and not allow_fingerprint_mismatch:

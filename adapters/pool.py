@@ -1,4 +1,5 @@
-"""Device-resident adapter pool: precomputed prefix K/V per exact adapter version, LRU-evicted.
+"""Device-resident adapter pool: each exact adapter version's resident form (LLaMA-Adapter
+prefix K/V, LoRA A/B, prefix-tuning keys/values) under one budget, LRU-evicted.
 
 Entries are keyed by the exact version (never by name alone), so replacing an adapter can never
 serve the previous version's K/V. An entry with leases is pinned: it is never evicted, and a
@@ -16,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
-from model.adapter import AdapterKV
+from model.batch_adapters import Resident
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class PoolStats:
 
 @dataclass
 class _Entry:
-    kv: AdapterKV
+    kv: Resident
     nbytes: int
     leases: int = 0
     doomed: bool = False     # deleted: drop when the last lease ends
@@ -62,8 +63,8 @@ class AdapterPool:
         self._loads = self._hits = self._evictions = 0
         self._load_seconds = self._last_load = 0.0
 
-    def acquire(self, key: Hashable, load: Callable[[], AdapterKV]) -> AdapterKV:
-        """The K/V for `key`, pinned until `release(key)`; `load()` runs once on a miss.
+    def acquire(self, key: Hashable, load: Callable[[], Resident]) -> Resident:
+        """The resident form for `key`, pinned until `release(key)`; `load()` runs once on a miss.
 
         Loads run outside the pool lock (other adapters keep being served); concurrent
         acquirers of the same key wait for the one load.

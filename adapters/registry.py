@@ -1,8 +1,13 @@
 """The adapter registry: store + validation + device pool behind one thread-safe interface.
 
 `acquire("name")` resolves the latest version, `acquire("name@N")` pins version N; the lease
-keeps that exact version's K/V resident until released, whatever happens to the name meanwhile
-(new uploads, deletion, changes made by another process sharing the store).
+keeps that exact version's resident form (LLaMA-Adapter: prefix K/V; LoRA: A/B; prefix tuning:
+keys/values, all on the model's device and dtype) until released, whatever happens to the name
+meanwhile (new uploads, deletion, changes made by another process sharing the store).
+`acquire("a:0.7+b@2")` composes several adapters for one request (adapters/compose.py).
+
+What a lease gives the engine: `lease.parts`, the row's adapters with their weights, which
+`model.batch_adapters.BatchAdapters.build` stacks with the other rows' into one forward.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import logging
 
 import torch
 
-from adapters.format import AdapterFormatError, check_fits, load_adapter
+from adapters.archive import import_peft_archive
+from adapters.compose import format_composition, is_composed, parse_composition
+from adapters.format import AdapterFormatError, AnyAdapterWeights, check_fits, load_adapter, metadata_for
+from adapters.importers import AdapterImportError, adapter_file_bytes
 from adapters.names import AdapterNameError, check_name, parse_ref
 from adapters.pool import AdapterPool, PoolConfig, PoolStats
 from adapters.prefix_kv import compute_prefix_kv, kv_cache_filename, load_prefix_kv, save_prefix_kv
@@ -20,9 +28,11 @@ from adapters.store import (AdapterInfo, AdapterNotFoundError, AdapterStore, Sto
                             VersionInfo)
 from adapters.validation import (DEFAULT_LIMITS, AdapterValidationError, ValidationLimits,
                                  check_adapter_bytes, validate_adapter_file)
-from model.adapter import AdapterKV
+from model.adapter import AdapterKV, AdapterWeights
+from model.lora import LoraWeights
+from model.batch_adapters import CompositionError, Resident, RowAdapters, check_composition
 
-__all__ = ["AdapterRegistry", "AdapterLease", "AdapterNotFoundError", "AdapterValidationError",
+__all__ = ["AdapterRegistry", "AdapterLease", "ComposedLease", "AdapterNotFoundError", "AdapterValidationError",
            "PoolConfig", "PoolStats", "VersionInfo", "AdapterInfo"]
 
 log = logging.getLogger(__name__)
@@ -31,13 +41,14 @@ log = logging.getLogger(__name__)
 class AdapterLease:
     """One user's hold on one exact adapter version; release it (or use `with`)."""
 
-    def __init__(self, registry: "AdapterRegistry", info: VersionInfo, kv: AdapterKV):
+    def __init__(self, registry: "AdapterRegistry", info: VersionInfo, kv: Resident):
         self._registry = registry
         self.info = info
         self.name = info.name
         self.version = info.version
         self.ref = info.ref
-        self.kv = kv
+        self.kv = kv        # the resident form, whatever the kind
+        self.parts: RowAdapters = ((kv, 1.0),)     # what the engine hands the model for this row
         self._released = False
 
     def release(self) -> None:
@@ -55,6 +66,25 @@ class AdapterLease:
         return f"AdapterLease({self.ref}{', released' if self._released else ''})"
 
 
+class ComposedLease:
+    """Leases on several adapters that serve one request together, each with its weight."""
+
+    def __init__(self, leases: list[AdapterLease], weights: list[float]):
+        self.leases, self.weights = leases, weights
+        self.ref = format_composition([(lease.ref, w) for lease, w in zip(leases, weights)])
+        self.parts: RowAdapters = tuple((lease.kv, w) for lease, w in zip(leases, weights))
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()
+
+    def __enter__(self) -> "ComposedLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, model, fingerprint: str,
                  pool_config: PoolConfig | None = None, limits: ValidationLimits = DEFAULT_LIMITS):
@@ -68,7 +98,9 @@ class AdapterRegistry:
         self._kv_filename = kv_cache_filename(fingerprint, weight.dtype)
 
     # ---- serving ---------------------------------------------------------------------------
-    def acquire(self, ref: str) -> AdapterLease:
+    def acquire(self, ref: str) -> AdapterLease | ComposedLease:
+        if isinstance(ref, str) and is_composed(ref):
+            return self._acquire_composed(ref)
         try:
             parse_ref(ref)
         except AdapterNameError as e:
@@ -78,9 +110,39 @@ class AdapterRegistry:
         kv = self._pool.acquire((info.name, info.version), lambda: self._load(info))
         return AdapterLease(self, info, kv)
 
+    def _acquire_composed(self, ref: str) -> ComposedLease:
+        parts = parse_composition(ref)
+        leases: list[AdapterLease] = []
+        try:
+            for part, _ in parts:
+                leases.append(self.acquire(part))
+            lease = ComposedLease(leases, [w for _, w in parts])
+            check_composition(lease.parts)
+        except CompositionError as e:
+            for held in leases:
+                held.release()
+            raise AdapterValidationError(f"adapters {ref!r} cannot be composed: {e}") from None
+        except BaseException:
+            for held in leases:
+                held.release()
+            raise
+        return lease
+
     def resolve(self, ref: str) -> VersionInfo:
         self.reload_if_changed()
         return self.store.resolve(ref)
+
+    def pin(self, ref: str) -> str:
+        """'a' → 'a@3', 'a:0.5+b' → 'a@3:0.5+b@1': the exact versions that serve `ref` now."""
+        self.reload_if_changed()
+        if not is_composed(ref):
+            return self.store.resolve(ref).ref
+        return format_composition([(self.store.resolve(r).ref, w) for r, w in parse_composition(ref)])
+
+    def is_resident_ref(self, exact_ref: str) -> bool:
+        """Whether every version an exact (pinned) reference names is on the device."""
+        resident = set(self._pool.keys())
+        return all(parse_ref(r) in resident for r, _ in parse_composition(exact_ref))
 
     def reload_if_changed(self) -> bool:
         """Pick up changes other processes made to the store; drops deleted versions' K/V."""
@@ -91,12 +153,14 @@ class AdapterRegistry:
                 self._pool.discard((name, version))
         return True
 
-    def _load(self, info: VersionInfo) -> AdapterKV:
-        """Disk → ready K/V: the cached K/V file if present, else compute it (and cache it)."""
-        cached = load_prefix_kv(self.store.derived_path(info, self._kv_filename), self.model,
-                                info.sha256, self.fingerprint)
-        if cached is not None:
-            return cached
+    def _load(self, info: VersionInfo) -> Resident:
+        """Disk → resident form. LLaMA-Adapter: the cached K/V file if present, else compute it
+        (and cache it); LoRA and prefix tuning: the file's tensors on the model's device/dtype."""
+        if info.kind == "llama-adapter":
+            cached = load_prefix_kv(self.store.derived_path(info, self._kv_filename), self.model,
+                                    info.sha256, self.fingerprint)
+            if cached is not None:
+                return cached
         path = self.store.path(info)
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -107,12 +171,20 @@ class AdapterRegistry:
         try:
             weights, meta = load_adapter(path)
             # The fingerprint was checked (or overridden by an admin) at upload; shapes must fit.
-            check_fits(meta, self.model, self.fingerprint, allow_fingerprint_mismatch=True)
+            check_fits(meta, self.model, self.fingerprint, allow_fingerprint_mismatch=True, weights=weights)
         except AdapterFormatError as e:
             raise AdapterValidationError(f"adapter {info.ref} cannot be used with this model: {e}") from None
-        kv = compute_prefix_kv(self.model, weights)
-        self._cache_kv(info, kv)
-        return kv
+        resident = self._resident(weights)
+        if isinstance(resident, AdapterKV):
+            self._cache_kv(info, resident)
+        return resident
+
+    def _resident(self, weights: AnyAdapterWeights) -> Resident:
+        """The form a forward pass uses, on the model's device and dtype."""
+        if isinstance(weights, AdapterWeights):
+            return compute_prefix_kv(self.model, weights)
+        ref = self.model.tok_embeddings.weight
+        return weights.to(ref.device, ref.dtype)
 
     def _cache_kv(self, info: VersionInfo, kv: AdapterKV) -> None:
         try:
@@ -138,19 +210,32 @@ class AdapterRegistry:
         try:
             weights, meta = validate_adapter_file(staged.path, self.model, self.fingerprint,
                                                   allow_fingerprint_mismatch, self.limits)
-            kv = compute_prefix_kv(self.model, weights)
-            # Finite prompts can still overflow through wk/wv in half precision.
-            if not all(torch.isfinite(t).all() for t in (kv.keys, kv.values)):
+            kv = self._resident(weights)
+            # Finite weights can still overflow in half precision (through wk/wv for prompts).
+            tensors = (*kv.a.values(), *kv.b.values()) if isinstance(kv, LoraWeights) else (kv.keys, kv.values)
+            if not all(torch.isfinite(t).all() for t in tensors):
                 raise AdapterValidationError(
-                    f"the adapter's prompt keys/values overflow in this model's {kv.keys.dtype}")
-            info = self.store.commit(name, staged, meta, source)
+                    f"the adapter's {meta.kind} tensors overflow in this model's {tensors[0].dtype}")
+            info = self.store.commit(name, staged, meta, source, param_count=weights.param_count())
         finally:
             staged.discard()
-        self._cache_kv(info, kv)
+        if isinstance(kv, AdapterKV):
+            self._cache_kv(info, kv)
         key = (info.name, info.version)
         self._pool.acquire(key, lambda: kv)
         self._pool.release(key)
         return info
+
+    def upload_peft_archive(self, name: str, data: bytes, allow_fingerprint_mismatch: bool = False) -> VersionInfo:
+        """A PEFT adapter folder as a zip or tar (any peft_type we import): convert, then `upload`."""
+        check_name(name)
+        try:
+            imported = import_peft_archive(data, self.model.config)
+        except AdapterImportError as e:
+            raise AdapterValidationError(str(e)) from None
+        meta = metadata_for(imported.weights, self.model, imported.source, imported.extra, self.fingerprint)
+        return self.upload(name, adapter_file_bytes(imported.weights, meta), source=imported.source,
+                           allow_fingerprint_mismatch=allow_fingerprint_mismatch)
 
     def delete(self, name: str, version: int | None = None) -> list[VersionInfo]:
         """Delete a version (or all); leased versions stay resident until their leases end."""

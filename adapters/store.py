@@ -100,6 +100,7 @@ class VersionInfo:
     gate_kind: str
     base_fingerprint: str
     param_count: int
+    kind: str = "llama-adapter"      # adapters.format.KINDS; records written before kinds existed lack it
 
     @property
     def ref(self) -> str:
@@ -110,7 +111,7 @@ class VersionInfo:
         return {"sha256": self.sha256, "size": self.size, "created": self.created,
                 "source": self.source, "adapter_len": self.adapter_len, "layers": list(self.layers),
                 "gate_kind": self.gate_kind, "base_fingerprint": self.base_fingerprint,
-                "param_count": self.param_count}
+                "param_count": self.param_count, "kind": self.kind}
 
     def to_dict(self) -> dict[str, Any]:
         created_iso = datetime.fromtimestamp(self.created, timezone.utc).isoformat(timespec="seconds")
@@ -122,7 +123,8 @@ class VersionInfo:
         return cls(name=name, version=version, sha256=r["sha256"], size=int(r["size"]),
                    created=float(r["created"]), source=r["source"], adapter_len=int(r["adapter_len"]),
                    layers=tuple(int(x) for x in r["layers"]), gate_kind=r["gate_kind"],
-                   base_fingerprint=r["base_fingerprint"], param_count=int(r["param_count"]))
+                   base_fingerprint=r["base_fingerprint"], param_count=int(r["param_count"]),
+                   kind=r.get("kind", "llama-adapter"))
 
 
 @dataclass(frozen=True)
@@ -266,10 +268,13 @@ class AdapterStore:
             raise
         return staged
 
-    def commit(self, name: str, staged: StagedFile, meta: AdapterMetadata, source: str) -> VersionInfo:
+    def commit(self, name: str, staged: StagedFile, meta: AdapterMetadata, source: str,
+               param_count: int | None = None) -> VersionInfo:
         """Make a staged (already validated) file the next version of `name`."""
         check_name(name)
         g = 1 if meta.gate_kind == "scalar" else meta.base_n_heads
+        if param_count is None:   # LLaMA-Adapter's count follows from the metadata alone
+            param_count = len(meta.layers) * (meta.adapter_len * meta.base_dim + g)
         with _before_commit("storing the new version"), self._locked():
             index = self._read_index_file()
             entry = index["adapters"].setdefault(name, {"next_version": 1, "versions": {}})
@@ -278,8 +283,7 @@ class AdapterStore:
                 name=name, version=version, sha256=staged.sha256, size=staged.size,
                 created=time.time(), source=source, adapter_len=meta.adapter_len,
                 layers=tuple(meta.layers), gate_kind=meta.gate_kind,
-                base_fingerprint=meta.base_fingerprint,
-                param_count=len(meta.layers) * (meta.adapter_len * meta.base_dim + g))
+                base_fingerprint=meta.base_fingerprint, param_count=param_count, kind=meta.kind)
             name_dir = self._adapters / name
             new_name_dir = not name_dir.exists()
             vdir = name_dir / str(version)

@@ -14,8 +14,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.format import AdapterFormatError, AdapterMetadata, check_fits, load_adapter, save_adapter
-from model.adapter import AdapterWeights, adapter_kv_bytes
+from adapters.format import (AdapterFormatError, AdapterMetadata, AnyAdapterWeights, check_fits, load_adapter,
+                             save_adapter)
+from model.adapter import adapter_kv_bytes
 
 # safetensors dtype tag → bytes per element; the adapter format allows only these.
 _ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
@@ -35,6 +36,8 @@ class ValidationLimits:
     # long prompt slows every batch it joins. Published adapters use K ≤ 64.
     max_adapter_len: int = 256
     max_kv_bytes: int = 256 << 20
+    # LoRA ranks above this are refused (serving pads every row of a batch to its largest rank).
+    max_lora_rank: int = 128
 
 
 DEFAULT_LIMITS = ValidationLimits()
@@ -171,7 +174,7 @@ def read_safetensors_header(path: str | Path, limits: ValidationLimits = DEFAULT
 
 def validate_adapter_file(path: str | Path, model, fingerprint: str | None = None,
                           allow_fingerprint_mismatch: bool = False,
-                          limits: ValidationLimits = DEFAULT_LIMITS) -> tuple[AdapterWeights, AdapterMetadata]:
+                          limits: ValidationLimits = DEFAULT_LIMITS) -> tuple[AnyAdapterWeights, AdapterMetadata]:
     """Everything an incoming adapter file must pass; returns what it holds.
 
     `model` is the loaded base Transformer (its config gives dim / n_layers / n_heads).
@@ -180,9 +183,11 @@ def validate_adapter_file(path: str | Path, model, fingerprint: str | None = Non
     try:
         check_resource_limits(AdapterMetadata.from_strings(header.metadata), model, limits)
         weights, meta = load_adapter(path)
-        check_fits(meta, model, fingerprint, allow_fingerprint_mismatch)
+        check_fits(meta, model, fingerprint, allow_fingerprint_mismatch, weights)
     except AdapterFormatError as e:
         raise AdapterValidationError(str(e)) from None
+    if meta.kind == "lora" and meta.lora_rank > limits.max_lora_rank:
+        raise AdapterValidationError(f"LoRA rank {meta.lora_rank} exceeds the limit of {limits.max_lora_rank}")
     return weights, meta
 
 
@@ -200,7 +205,7 @@ def check_resource_limits(meta: AdapterMetadata, model, limits: ValidationLimits
             f"adapter_len {meta.adapter_len}); this server's limit is {limits.max_kv_bytes} (--max-adapter-kv-mb)")
 
 
-def write_validated_adapter(path: Path, weights: AdapterWeights, meta: AdapterMetadata, model,
+def write_validated_adapter(path: Path, weights: AnyAdapterWeights, meta: AdapterMetadata, model,
                             fingerprint: str | None) -> None:
     """Write an adapter file, validate it as an upload would be, then rename it into place,
     so nothing half-written or invalid ever appears at `path`."""

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterBatch, LayerAdapterInputs, adapter_attention
+from .adapter import AdapterBatch, adapter_attention
+from .batch_adapters import BatchAdapters, LayerAdapters
 from .config import ModelConfig
 from .fingerprint import base_fingerprint
 from .kv_cache import KVCache, as_slice
@@ -56,26 +57,37 @@ class Attention(nn.Module):
         return self.wk(x), self.wv(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_StepContext",
-                adapter: LayerAdapterInputs | None) -> torch.Tensor:
+                adapter: LayerAdapters | None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
+        lora = adapter.lora if adapter is not None else None
+        if lora is not None:     # each row's LoRA delta on the split q/k/v outputs
+            q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
+        prefix = adapter.prefix if adapter is not None else None
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if ctx.cache is None:
+        if ctx.cache is None and prefix is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
+        elif ctx.cache is None:
+            keys, values = prefix.prepend(self.layer_idx, k, v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=True)
         else:
             keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.slots, ctx.positions, k, v,
                                                     ctx.read_len)
+            if prefix is not None:
+                keys, values = prefix.prepend(self.layer_idx, keys, values)
             # Query heads that share a KV head are folded into the query axis (ctx.mask repeats
             # per head): one product per KV head, no expanded copy of the cached keys/values.
             folded = q.reshape(b, self.n_kv_heads, -1, self.head_dim)
             out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=ctx.mask)
             out = out.view(b, self.n_heads, t, self.head_dim)
-        if adapter is not None:
-            out = out + adapter_attention(q, adapter)
-        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        for gated in adapter.gated if adapter is not None else ():
+            out = out + adapter_attention(q, gated)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        y = self.wo(out)
+        return lora.add("o", out, y) if lora is not None else y
 
 
 class FeedForward(nn.Module):
@@ -91,9 +103,13 @@ class FeedForward(nn.Module):
         self.w2 = PackedLinear([self.w2.weight])
         del self.w1, self.w3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter: LayerAdapters | None = None) -> torch.Tensor:
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
-        return self.w2(F.silu(gate) * up)
+        lora = adapter.lora if adapter is not None else None
+        if lora is None:
+            return self.w2(F.silu(gate) * up)
+        h = F.silu(lora.add("gate", x, gate)) * lora.add("up", x, up)
+        return lora.add("down", h, self.w2(h))
 
 
 class TransformerBlock(nn.Module):
@@ -106,14 +122,14 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cos, sin, ctx, adapter):
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx, adapter)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), adapter)
 
 
 class _StepContext:
     """Per-forward cache addressing shared by all layers (computed once, not per layer)."""
 
     def __init__(self, cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor,
-                 heads_per_kv: int):
+                 heads_per_kv: int, adapters: BatchAdapters | None, dtype: torch.dtype):
         self.cache = cache
         self.positions = positions
         self.slots: torch.Tensor | slice | None = None
@@ -130,6 +146,14 @@ class _StepContext:
             # the query heads folded onto each KV head: [B, 1, heads_per_kv·T, L].
             zeros = torch.zeros(visible.shape, dtype=cache.k.dtype, device=positions.device)
             self.mask = zeros.masked_fill(~visible, float("-inf")).repeat(1, 1, heads_per_kv, 1)
+        prefix = adapters.prefix if adapters is not None else None
+        if prefix is not None:    # one joint softmax over [prefix; tokens]
+            if self.mask is None:
+                t = positions.shape[1]
+                causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
+                self.mask = torch.zeros(causal.shape, dtype=dtype, device=positions.device).masked_fill(
+                    ~causal, float("-inf")).expand(positions.shape[0], 1, t, t)
+            self.mask = prefix.joint_mask(self.mask)
 
 
 class Transformer(nn.Module):
@@ -177,7 +201,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                adapters: AdapterBatch | None = None,
+                adapters: AdapterBatch | BatchAdapters | None = None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens/positions [B, T] → logits [B, T, V], or [B, V] at `logits_index` [B] if given.
 
@@ -192,17 +216,24 @@ class Transformer(nn.Module):
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                    cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                   adapters: AdapterBatch | None = None, layers: range | None = None) -> torch.Tensor:
+                   adapters: AdapterBatch | BatchAdapters | None = None,
+                   layers: range | None = None) -> torch.Tensor:
         """Hidden states x [B, T, dim] through `layers` (default: all) → [B, T, dim], before the
         final norm. Training runs sub-ranges: the frozen layers below the first adapted one once
         per example, without autograd, and the output head only at target positions."""
         b, t, _ = x.shape
         if positions is None:
             positions = torch.arange(t, device=x.device).expand(b, t)
-        ctx = _StepContext(cache, slots, positions, self.config.n_heads // self.config.n_kv_heads)
+        adapters = BatchAdapters.of(adapters)
         dtype = self.tok_embeddings.weight.dtype
-        cos = self.rope_cos[positions].to(dtype).unsqueeze(1)    # [B, 1, T, D]
-        sin = self.rope_sin[positions].to(dtype).unsqueeze(1)
+        ctx = _StepContext(cache, slots, positions, self.config.n_heads // self.config.n_kv_heads,
+                           adapters, dtype)
+        shift = adapters.position_offsets if adapters is not None else None
+        # A shifted row's padding positions may run past the table (real ones never do: the engine
+        # refuses requests whose prefix + length exceed it); padding outputs are discarded.
+        rope_pos = positions if shift is None else (positions + shift[:, None]).clamp(max=self.rope_cos.shape[0] - 1)
+        cos = self.rope_cos[rope_pos].to(dtype).unsqueeze(1)    # [B, 1, T, D]
+        sin = self.rope_sin[rope_pos].to(dtype).unsqueeze(1)
         for i in layers if layers is not None else range(len(self.layers)):
             x = self.layers[i](x, cos, sin, ctx, adapters.layer(i) if adapters is not None else None)
         return x

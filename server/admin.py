@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from adapters.archive import archive_kind
 from adapters.names import AdapterNameError, check_name, format_ref
 from adapters.store import AdapterNotFoundError, StoreWriteError
 from server.api_keys import check_adapter, may_list
@@ -37,6 +38,7 @@ class VersionOut(BaseModel):
     gate_kind: str
     base_fingerprint: str
     param_count: int
+    kind: str = "llama-adapter"
 
 
 class AdapterOut(BaseModel):
@@ -85,7 +87,8 @@ def _count(ctx: ServerContext, operation: str, status: int) -> None:
 
 
 @router.put("/adapters/{name}", status_code=201, response_model=VersionOut)
-async def upload_adapter(name: str, file: UploadFile = File(..., description="The adapter .safetensors"),
+async def upload_adapter(name: str, file: UploadFile = File(
+                             ..., description="The adapter .safetensors, or a PEFT adapter folder as .zip / .tar(.gz)"),
                          allow_fingerprint_mismatch: bool = Query(
                              False, description="Accept an adapter trained on a differently-fingerprinted "
                                                 "base of the same shape."),
@@ -103,8 +106,12 @@ async def upload_adapter(name: str, file: UploadFile = File(..., description="Th
         data = await file.read()
         try:
             # Validation reads tensors and computes prefix K/V: keep it off the event loop.
-            info = await run_in_threadpool(ctx.registry.upload, name, data, source="uploaded",
-                                           allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+            if archive_kind(data) is not None:
+                info = await run_in_threadpool(ctx.registry.upload_peft_archive, name, data,
+                                               allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+            else:
+                info = await run_in_threadpool(ctx.registry.upload, name, data, source="uploaded",
+                                               allow_fingerprint_mismatch=allow_fingerprint_mismatch)
         except ValueError as e:   # AdapterValidationError and the format's own errors
             raise ApiError(422, f"invalid adapter upload: {e}", "validation", "file") from None
         except StoreWriteError as e:

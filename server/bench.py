@@ -5,7 +5,9 @@ model; (c) transformers + PEFT adaption_prompt, one batch per adapter (`set_adap
 batching PEFT allows); (d) transformers, all N requests as one homogeneous base-model batch;
 (e) batch-1 decode (engine and transformers); (f) rooflines from a copy bandwidth and a matmul
 rate measured in this run; (g) time to first token under the load of (a); (h) the requests of
-(b), each constrained by a JSON schema (structured output: a grammar mask per row per step).
+(b), each constrained by a JSON schema (structured output: a grammar mask per row per step);
+(i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
+(server/bench_kinds.py).
 
 Throughput (a)–(d) = generated tokens ÷ wall time from the first submission to the last token
 (prefill included), every request forced to exactly `--new-tokens` (EOS ignored, greedy).
@@ -23,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .bench_kinds import format_kinds, measure_kinds
 
 _TOPICS = ("a lighthouse keeper", "the first snow of winter", "a lost robot", "a busy market", "an old map",
            "a river journey", "a chess tournament", "a bakery at dawn", "a mountain rescue", "a secret garden",
@@ -139,6 +143,8 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
                 meta = metadata_for(w, model, "uploaded", fingerprint=loaded.fingerprint)
                 peft_dirs.append(export_peft(w, meta, Path(tmp) / "peft" / f"bench{i}"))
             out["transformers"] = transformers_runs(Path(loaded.path), prompts, peft_dirs, sizes, repeats)
+        out["kinds"] = measure_kinds(loaded, registry, prompts, refs, sizes, peers, Path(tmp), engine_run,
+                                     b["tok_s"])
     out["ratios"] = ratios(out)
     return out
 
@@ -337,6 +343,7 @@ def format_table(r: dict) -> str:
                  f"(base: p50 {e['base_ttft_p50_s']:.2f} s, p95 {e['base_ttft_p95_s']:.2f} s)")
     lines.append(f"{'(h) engine: the requests of (b), each constrained by a JSON schema':70s} "
                  f"{rate(e['constrained_tok_s'])}   {ratio('h_over_b', '(h)/(b)')}")
+    lines += format_kinds(r["kinds"], s)
     lines.append("throughput = generated tokens ÷ wall time incl. prefill"
                  + (f" (best of {r['repeats']} for a, b, d)" if r["repeats"] > 1 else "")
                  + "; copy bandwidth counts bytes read + written")

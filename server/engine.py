@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from model.adapter import AdapterBatch
+from model.batch_adapters import BatchAdapters, position_shift
 from model.kv_cache import KVCache
 
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -178,7 +178,7 @@ class Engine:
         self._callbacks: list[CompletionCallback] = []
         self._outbox: dict[asyncio.AbstractEventLoop | None, list[tuple[RequestHandle, Any]]] = {}
         self._adapter_key: tuple = ()
-        self._adapter_batch: AdapterBatch | None = None
+        self._adapter_batch: BatchAdapters | None = None
         self._counters = dict(tokens_generated_total=0, prompt_tokens_total=0,
                               requests_finished_total=0, requests_cancelled_total=0, steps_total=0)
 
@@ -237,6 +237,13 @@ class Engine:
         # Fail fast on a full queue before pinning an adapter (add() re-checks under the lock).
         self.scheduler.check_room()
         lease = self._acquire(request.adapter)
+        # Prefix tuning moves the row's RoPE positions past its prefix: they must stay in the table.
+        shift = position_shift(lease.parts) if lease is not None else 0
+        if shift and len(request.prompt_ids) + params.max_new_tokens + shift > self.model.config.max_seq_len:
+            lease.release()
+            raise InvalidRequestError(
+                "max_new_tokens", f"prompt + max_new_tokens + the adapter's prefix of {shift} exceed the "
+                f"model's context of {self.model.config.max_seq_len}")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         prompt = list(request.prompt_ids)
         user_stop_ids = frozenset(params.stop_token_ids)
@@ -377,12 +384,12 @@ class Engine:
             s.n_cached += 1
         return logits[:, 0]
 
-    def _decode_adapters(self, rows: list[Sequence]) -> AdapterBatch | None:
-        # The decode batch changes only when requests join or leave: reuse the stacked K/V.
-        kvs = tuple(s.payload.lease.kv if s.payload.lease is not None else None for s in rows)
-        if len(kvs) != len(self._adapter_key) or any(a is not b for a, b in zip(kvs, self._adapter_key)):
-            self._adapter_key = kvs
-            self._adapter_batch = AdapterBatch.build(list(kvs), self.n_layers)
+    def _decode_adapters(self, rows: list[Sequence]) -> BatchAdapters | None:
+        # The decode batch changes only when requests join or leave: reuse the stacked adapters.
+        parts = tuple(_row_adapters(s) for s in rows)
+        if len(parts) != len(self._adapter_key) or any(a is not b for a, b in zip(parts, self._adapter_key)):
+            self._adapter_key = parts
+            self._adapter_batch = BatchAdapters.build(list(parts), self.n_layers)
         return self._adapter_batch
 
     def _forward_prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
@@ -400,11 +407,10 @@ class Engine:
             positions.append(list(range(start, start + n))
                              + [min(start + n + j, last_pos) for j in range(pad)])
         dev = self.device
-        kvs = [s.payload.lease.kv if s.payload.lease is not None else None for s, _ in chunks]
         hidden = self.model.run_layers(self.model.tok_embeddings(torch.tensor(tokens, device=dev)),
                                        torch.tensor(positions, device=dev), self.cache,
                                        torch.tensor([s.slot for s, _ in chunks], device=dev),
-                                       AdapterBatch.build(kvs, self.n_layers))
+                                       BatchAdapters.build([_row_adapters(s) for s, _ in chunks], self.n_layers))
         last = hidden[torch.arange(len(chunks), device=dev), torch.tensor([n - 1 for _, n in chunks], device=dev)]
         logits = self.model.output(self.model.norm(last)).float()
         for i, (seq, n) in enumerate(chunks):
@@ -536,6 +542,15 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:        # the consumer's loop is closed: nobody is listening
                 pass
+
+
+_BASE: tuple = ()
+
+
+def _row_adapters(seq: Sequence):
+    """The seam to the model: a row's adapters with weights (from its lease), () for the base."""
+    lease = seq.payload.lease
+    return lease.parts if lease is not None else _BASE
 
 
 def _deliver(items: list[tuple[RequestHandle, Any]]) -> None:

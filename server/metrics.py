@@ -33,8 +33,10 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 def adapter_label(adapter_ref: str | None) -> str:
-    """'name@3' -> 'name'; None (base model) -> BASE_LABEL."""
-    return BASE_LABEL if adapter_ref is None else adapter_ref.split("@", 1)[0]
+    """'name@3' -> 'name'; 'a@3:0.5+b@1' -> 'a+b'; None (base model) -> BASE_LABEL."""
+    if adapter_ref is None:
+        return BASE_LABEL
+    return "+".join(part.split("@", 1)[0].split(":", 1)[0] for part in adapter_ref.split("+"))
 
 
 class _LiveStatsCollector(Collector):

@@ -193,7 +193,8 @@ def resolve_max_new_tokens(ctx: ServerContext, requested: int | None, prompt_len
 
 
 async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | None:
-    """'name' or 'name@N' → the exact 'name@N' to serve (None = base model), or a 404.
+    """'name' or 'name@N' → the exact 'name@N' to serve (None = base model), or a 404; a
+    composed 'a:0.7+b' → 'a@3:0.7+b@1' (adapters/compose.py).
 
     Pinning the version here means everything said about the request (metrics label,
     system_fingerprint) names the version that actually serves it, even if an upload lands
@@ -209,12 +210,12 @@ async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | No
         raise ApiError(404, f"adapter {requested!r} not found: this server has no adapter store",
                        "not_found", "adapter")
     try:
-        info = ctx.registry.resolve(requested)
-        if not ctx.registry.is_resident(info.name, info.version):
-            await run_in_threadpool(lambda: ctx.registry.acquire(info.ref).release())
+        exact = ctx.registry.pin(requested)
+        if not ctx.registry.is_resident_ref(exact):
+            await run_in_threadpool(lambda: ctx.registry.acquire(exact).release())
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings) from None
-    return info.ref
+    return exact
 
 
 def request_label(requested: str | None) -> str:

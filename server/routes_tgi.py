@@ -9,6 +9,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from adapters.compose import from_ids_and_weights
+from adapters.validation import AdapterValidationError
 from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
                                   encode_prompt, engine_error, error_body, finite_logprob, get_ctx,
                                   request_label, resolve_max_new_tokens, sse, start_counted, submit)
@@ -30,7 +32,6 @@ def _refuse_unsupported(p: TGIParameters) -> None:
         raise InvalidRequestError("adapter_source", f"{p.adapter_source!r} is not supported: adapters are "
                                   "served from this server's store (upload them with PUT /admin/adapters)")
     checks = [
-        ("merged_adapters", p.merged_adapters is not None, "adapter merging is not supported"),
         ("frequency_penalty", p.frequency_penalty not in (None, 0.0), "not supported"),
         ("typical_p", p.typical_p not in (None, 1.0), "typical sampling is not supported"),
         ("best_of", p.best_of not in (None, 1), "only best_of=1 is supported"),
@@ -94,7 +95,35 @@ def _requested_adapter(body: TGIRequest) -> str | None:
     top, inner = body.adapter_id, body.parameters.adapter_id
     if top is not None and inner is not None and top != inner:
         raise ApiError(422, "adapter_id given twice with different values", "validation", "adapter_id")
-    return top if top is not None else inner
+    single = top if top is not None else inner
+    composed = _composed_adapters(body.parameters)
+    if composed is not None and single is not None:
+        raise ApiError(422, "give adapter_id or adapter_ids / merged_adapters, not both", "validation", "adapter_ids")
+    return composed if composed is not None else single
+
+
+def _composed_adapters(p: TGIParameters) -> str | None:
+    """`adapter_ids` + `adapter_weights` (TGI style) or LoRAX `merged_adapters` → 'a:0.7+b:0.3'."""
+    field, ids, weights = "adapter_ids", p.adapter_ids, p.adapter_weights
+    if p.merged_adapters is not None:
+        m, field = p.merged_adapters, "merged_adapters"
+        if ids is not None:
+            raise ApiError(422, "give adapter_ids or merged_adapters, not both", "validation", field)
+        strategy = m.get("merge_strategy") or "linear"
+        if strategy != "linear":
+            raise ApiError(422, f"merged_adapters.merge_strategy {strategy!r} is not supported: "
+                                "only 'linear' (weighted sum of the adapters' effects)", "validation", field)
+        ids, weights = m.get("ids"), m.get("weights")
+    elif weights is not None and ids is None:
+        raise ApiError(422, "adapter_weights needs adapter_ids", "validation", "adapter_weights")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ApiError(422, f"{field}: ids must be a non-empty list of adapter names", "validation", field)
+    try:
+        return from_ids_and_weights(ids, weights)
+    except AdapterValidationError as e:
+        raise ApiError(422, f"{field}: {e}", "validation", field) from None
 
 
 class _Call:

@@ -22,7 +22,13 @@ class TGIParameters(BaseModel):
     adapter_source: str | None = Field(
         None, description="Only 'local' (this server's adapter store) or null is supported.")
     api_token: str | None = Field(None, description="Accepted and ignored (no remote adapter sources).")
-    merged_adapters: dict[str, Any] | None = Field(None, description="Not supported; must be null.")
+    adapter_ids: list[str] | None = Field(
+        None, description="Compose several adapters (name or name@version) for this request.")
+    adapter_weights: list[float] | None = Field(
+        None, description="One weight per adapter_ids entry (default 1 each).")
+    merged_adapters: dict[str, Any] | None = Field(
+        None, description="LoRAX form of adapter_ids/adapter_weights: {ids, weights, merge_strategy: "
+                          "'linear'}; other strategies are refused.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     max_new_tokens: int | None = Field(None, description="Tokens to generate; default fills up to the server's default.")
     ignore_eos_token: bool = False

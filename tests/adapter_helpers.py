@@ -34,3 +34,28 @@ def tree_snapshot(root: Path) -> dict[str, str]:
     """Every file under root (temp files included) → sha256: 'the store is unchanged'."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def random_lora(model, rank: int, targets: tuple[str, ...], layers: list[int] | None = None, alpha: float = 16.0,
+                use_rslora: bool = False, seed: int = 0, std: float = 0.2):
+    """A LoRA with random A and B (PEFT starts B at zero, which would hide mistakes)."""
+    from model.lora import LoraWeights, target_shape
+
+    cfg = model.config
+    layers = layers if layers is not None else list(range(cfg.n_layers))
+    g = torch.Generator().manual_seed(seed)
+    a, b = {}, {}
+    for t in targets:
+        d_in, d_out = target_shape(cfg, t)
+        a[t] = torch.randn(len(layers), rank, d_in, generator=g) * std
+        b[t] = torch.randn(len(layers), d_out, rank, generator=g) * std
+    return LoraWeights(list(layers), rank, alpha, use_rslora, a, b)
+
+
+def random_prefix(model, prefix_len: int, seed: int = 0, std: float = 1.0):
+    from model.prefix_tuning import PrefixWeights
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    shape = (cfg.n_layers, cfg.n_kv_heads, prefix_len, cfg.head_dim)
+    return PrefixWeights(torch.randn(shape, generator=g) * std, torch.randn(shape, generator=g) * std)

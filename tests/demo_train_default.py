@@ -96,7 +96,7 @@ def main() -> None:
                "final_eval_loss": meta.extra["final_eval_loss"], "base_exact_match": base_acc,
                "adapter_exact_match": tuned_acc, "eval_seconds": round(eval_seconds, 1),
                "adapter_len": recipe["adapter_len"], "adapter_layers": recipe["adapter_layers"],
-               "epochs": recipe["epochs"], "workdir": str(work)}
+               "epochs": recipe["epochs"], "method": recipe.get("method", "llama-adapter"), "workdir": str(work)}
     print("\n" + json.dumps(summary, indent=2))
     (work / "demo_result.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -345,8 +345,11 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
     assert engine["constrained_tok_s"] > 0
     assert set(report["ratios"]) == {"a_over_b", "h_over_b", "a_over_c", "a_over_d", "a_over_compute_roofline",
                                      "e_over_bandwidth_roofline", "e_over_transformers_batch1"}
+    kinds = report["kinds"]
+    assert kinds["lora_tok_s"] > 0 and kinds["mixed_tok_s"] > 0 and kinds["peft_lora_tok_s"] > 0
+    assert set(kinds["cold_load_ms"]) == {"llama-adapter", "lora", "prefix-tuning"}
     table = format_table(report)
-    assert all(f"({row})" in table for row in "abcdefgh")
+    assert all(f"({row})" in table for row in "abcdefghijkl")
 
 
 def test_generate_cli_json_with_and_without_adapter(tiny_model_dir, tmp_path, capsys):

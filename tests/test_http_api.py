@@ -170,9 +170,9 @@ def test_lorax_client_with_adapter_id(server):
         list(client.generate_stream(prompt, adapter_id="nope"))
     with pytest.raises(LoraxValidationError, match="adapter_source"):
         client.generate(prompt, adapter_id="alpha", adapter_source="hub")
-    with pytest.raises(LoraxValidationError, match="merged_adapters"):
-        client.generate(prompt, merged_adapters=lorax.types.MergedAdapters(ids=["alpha", "beta"],
-                                                                           weights=[0.5, 0.5], density=1.0))
+    with pytest.raises(LoraxValidationError, match="merge_strategy 'ties' is not supported"):
+        client.generate(prompt, merged_adapters=lorax.types.MergedAdapters(
+            ids=["alpha", "beta"], weights=[0.5, 0.5], density=1.0, merge_strategy="ties"))
     with pytest.raises(LoraxValidationError, match="response_format: invalid json grammar"):
         client.generate(prompt, response_format={"type": "json_object", "schema": {"type": "nonsense"}})
 

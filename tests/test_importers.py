@@ -139,13 +139,13 @@ def test_peft_refusals(tmp_path, peft_setup, make_tiny_model):
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
     (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not really")
-    with pytest.raises(AdapterImportError, match="pickle, which is never loaded"):
+    with pytest.raises(AdapterImportError, match=r"weights_only=True\), which never runs its code"):
         import_peft(pickled, model.config)
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(AdapterImportError, match="'LORA' is not an adaption prompt"):
-        import_peft(lora, model.config)
+    ia3 = tmp_path / "ia3"
+    ia3.mkdir()
+    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(AdapterImportError, match="'IA3' is not supported"):
+        import_peft(ia3, model.config)
     with pytest.raises(AdapterImportError, match="no adapter_config.json"):
         import_peft(_empty_dir(tmp_path), model.config)
     deeper = make_tiny_model(n_layers=6)
@@ -294,3 +294,29 @@ def test_cli_import_list_show_export_delete(tmp_path, tiny_loaded, capsys):
     code, out = run("adapters", "import", str(src), "--format", "peft", "--name", "../x",
                     "--store", store, "--model", model_dir)
     assert code == 2 and "invalid adapter name" in out
+
+
+def test_cli_imports_and_exports_lora_and_prefix_tuning(tmp_path, tiny_loaded, capsys):
+    from adapter_helpers import random_lora, random_prefix
+
+    model = tiny_loaded.model
+    store, model_dir = str(tmp_path / "store"), str(tiny_loaded.path)
+    lora, prefix = random_lora(model, 4, ("q", "down"), layers=[1, 2]), random_prefix(model, 3)
+    for name, w in (("lo", lora), ("pre", prefix)):
+        src = export_peft(w, metadata_for(w, model, "trained"), tmp_path / f"src-{name}")
+        assert cli_main(["adapters", "import", str(src), "--format", "peft", "--name", name, "--store", store,
+                         "--model", model_dir]) == 0
+    out = capsys.readouterr().out
+    assert "as lo@1 (lora" in out and "r=4 on q,down" in out and "as pre@1 (prefix-tuning" in out and "P=3" in out
+    assert cli_main(["adapters", "list", "--store", store]) == 0
+    listing = capsys.readouterr().out
+    assert "lora" in listing and "prefix-tuning" in listing
+    assert cli_main(["adapters", "show", "lo@1", "--store", store]) == 0
+    assert json.loads(capsys.readouterr().out)["lora_targets"] == ["q", "down"]
+    for name, w in (("lo", lora), ("pre", prefix)):
+        assert cli_main(["adapters", "export", name, "--format", "peft", "--out", str(tmp_path / f"exp-{name}"),
+                         "--store", store]) == 0
+        (back,) = import_peft(tmp_path / f"exp-{name}", model.config)
+        assert type(back.weights) is type(w) and back.weights.param_count() == w.param_count()
+    (back,) = import_peft(tmp_path / "exp-lo", model.config)
+    assert back.weights.layers == [1, 2] and all(torch.equal(back.weights.b[t], lora.b[t]) for t in ("q", "down"))

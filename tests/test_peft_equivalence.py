@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.importers import import_peft
-from model.adapter import AdapterBatch, compute_adapter_kv
+from adapters.format import metadata_for
+from adapters.importers import export_peft, import_peft
+from model.adapter import AdapterBatch, AdapterWeights, compute_adapter_kv
 from model.loaders import build_model, read_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -109,3 +110,99 @@ def test_default_model_matches_peft(default_model, tmp_path, greedy):
     ours_out = greedy(lm.model, prompt, 20, adapters, stop_ids=stop)
     _assert_peft_agrees(peft_model, prompt, ours_out)
     _assert_base_differs(lm.model, prompt, ours_out[0])
+
+
+# ---- LoRA and prefix tuning ------------------------------------------------------------------
+def _randomize(model, names: tuple[str, ...], std: float, seed: int):
+    """PEFT zero-initialises lora_B: give every adapter tensor random values so the delta shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(n in name for n in names):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def _imported(peft_model, ours, tmp_path, label="peft"):
+    peft_model.save_pretrained(tmp_path / label)
+    (imported,) = import_peft(tmp_path / label, ours.config)
+    return imported
+
+
+def _greedy_with(ours, greedy, prompt, weights, n=12, stop_ids=()):
+    from model.batch_adapters import BatchAdapters
+
+    resident = compute_adapter_kv(ours, weights) if isinstance(weights, AdapterWeights) else weights
+    return greedy(ours, prompt, n, BatchAdapters.build([((resident, 1.0),)], ours.config.n_layers), stop_ids)
+
+
+@pytest.mark.parametrize("targets,rank,alpha,rslora,layers", [
+    (["q_proj", "v_proj"], 8, 16, False, None),
+    (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 4, 8, False, None),
+    (["k_proj", "down_proj"], 16, 4, True, [1, 3]),
+])
+def test_lora_matches_peft(tiny_hf, tmp_path, greedy, targets, rank, alpha, rslora, layers):
+    base, ours = tiny_hf
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                             layers_to_transform=layers, task_type="CAUSAL_LM", lora_dropout=0.0)
+    peft_model = _randomize(peft.get_peft_model(base, config).eval(), ("lora_A", "lora_B"), 0.3, 7)
+    imported = _imported(peft_model, ours, tmp_path)
+    w = imported.weights
+    assert w.targets == tuple(t.removesuffix("_proj") for t in targets) and w.rank == rank
+    assert w.layers == (layers or list(range(ours.config.n_layers)))
+    prompt = torch.randint(0, ours.config.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    out = _greedy_with(ours, greedy, prompt, w)
+    _assert_peft_agrees(peft_model, prompt, out)
+    _assert_base_differs(ours, prompt, out[0])
+    # Export → PEFT loads it → the same logits as the original PEFT model.
+    meta = metadata_for(w, ours, "imported:peft")
+    exported = export_peft(w, meta, tmp_path / "exported")
+    base_again = peft_model.unload() if hasattr(peft_model, "unload") else base
+    reloaded = peft.PeftModel.from_pretrained(base_again, exported).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits[0], _ours_logits(ours, ids, w),
+                                   atol=1e-4, rtol=0)
+
+
+def _ours_logits(ours, ids, weights):
+    from model.batch_adapters import BatchAdapters
+
+    resident = compute_adapter_kv(ours, weights) if isinstance(weights, AdapterWeights) else weights
+    with torch.no_grad():
+        return ours(ids, adapters=BatchAdapters.build([((resident, 1.0),)], ours.config.n_layers))[0]
+
+
+def test_prefix_tuning_matches_peft(tiny_hf, tmp_path, greedy):
+    base, ours = tiny_hf
+    config = peft.PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")
+    peft_model = _randomize(peft.get_peft_model(base, config).eval(), ("prompt_encoder",), 1.0, 9)
+    w = _imported(peft_model, ours, tmp_path).weights
+    assert w.prefix_len == 5 and tuple(w.keys.shape) == (4, ours.config.n_kv_heads, 5, ours.config.head_dim)
+    prompt = torch.randint(0, ours.config.vocab_size, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    out = _greedy_with(ours, greedy, prompt, w)
+    _assert_peft_agrees(peft_model, prompt, out)
+    _assert_base_differs(ours, prompt, out[0])
+    exported = export_peft(w, metadata_for(w, ours, "imported:peft"), tmp_path / "exported")
+    reloaded = peft.PeftModel.from_pretrained(peft_model.get_base_model(), exported).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits[0], _ours_logits(ours, ids, w), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_default_model_lora_and_prefix_tuning_match_peft(default_model, tmp_path, greedy):
+    lm = default_model
+    prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "Write one sentence about the sea."}])
+    stop = lm.tokenizer.stop_ids
+    for label, config, names, std in (
+            ("lora", peft.LoraConfig(r=16, lora_alpha=16, use_rslora=True, task_type="CAUSAL_LM",
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"]), ("lora_A", "lora_B"), 0.05),
+            ("prefix", peft.PrefixTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM"), ("prompt_encoder",), 0.5)):
+        base = transformers.AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+        peft_model = _randomize(peft.get_peft_model(base, config).eval(), names, std, 13)
+        w = _imported(peft_model, lm.model, tmp_path, label).weights
+        ours_out = _greedy_with(lm.model, greedy, prompt, w, 20, stop)
+        _assert_peft_agrees(peft_model, prompt, ours_out)
+        _assert_base_differs(lm.model, prompt, ours_out[0])

@@ -8,14 +8,15 @@ import os
 import time
 from pathlib import Path
 
-from .config import TrainConfig, load_recipe
+from .config import METHOD_BLR, METHODS, TrainConfig, load_recipe
 
 ADMIN_TOKEN_ENV = "ADAPTER_SERVER_ADMIN_TOKEN"
 log = logging.getLogger("training")
 
 # flag dest → TrainConfig field; None means "not given", so recipe/defaults stay.
-_CONFIG_FLAGS = ("model", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "adapter_len",
-                 "adapter_layers", "seed", "eval_every", "max_len")
+_CONFIG_FLAGS = ("model", "method", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "adapter_len",
+                 "adapter_layers", "lora_rank", "lora_alpha", "lora_rslora", "lora_targets", "seed", "eval_every",
+                 "max_len")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,13 +26,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the adapter file here")
     p.add_argument("--name", help="store the adapter under this name (in --store, or on --server)")
     p.add_argument("--model", help=f"base model: 'default' or a model path (default {d.model!r})")
+    p.add_argument("--method", choices=METHODS,
+                   help=f"adapter kind to train (default {d.method}): LLaMA-Adapter prompts and gates, LoRA, "
+                        "or prefix tuning")
     p.add_argument("--epochs", type=float, help=f"passes over the data (default {d.epochs:g})")
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default blr {d.blr:g} × effective batch / 256)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default blr × effective batch / 256, blr "
+                                            + ", ".join(f"{m} {b:g}" for m, b in METHOD_BLR.items()) + ")")
     p.add_argument("--batch-size", type=int, help=f"examples per process per micro-step (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step (default {d.grad_accum})")
-    p.add_argument("--adapter-len", type=int, help=f"prompt length K (default {d.adapter_len})")
-    p.add_argument("--adapter-layers", type=int, help=f"adapt the top L layers (default {d.adapter_layers})")
+    p.add_argument("--adapter-len", type=int,
+                   help=f"prompt length K, or prefix length P for prefix tuning (default {d.adapter_len})")
+    p.add_argument("--adapter-layers", type=int,
+                   help=f"adapt the top L layers (default {d.adapter_layers}; prefix tuning: every layer)")
+    p.add_argument("--lora-rank", type=int, help=f"LoRA rank r, at most 128 (default {d.lora_rank})")
+    p.add_argument("--lora-alpha", type=float, help=f"LoRA alpha: scaling alpha/r (default {d.lora_alpha:g})")
+    p.add_argument("--lora-rslora", action="store_const", const=True,
+                   help="rank-stabilised LoRA: scaling alpha/sqrt(r)")
+    p.add_argument("--lora-targets", type=lambda s: tuple(s.split(",")),
+                   help=f"projections LoRA adapts, comma-separated from q,k,v,o,gate,up,down "
+                        f"(default {','.join(d.lora_targets)})")
     p.add_argument("--seed", type=int, help=f"seed for init, data split and order (default {d.seed})")
     p.add_argument("--resume", type=Path, metavar="DIR",
                    help="checkpoint directory: continue from its checkpoint if present, save there")
@@ -47,8 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a LLaMA-Adapter adapter on instruction data",
-                              description="Train adaption prompts and gates on a frozen base model. "
+    p = subparsers.add_parser("train", help="train an adapter (LLaMA-Adapter, LoRA, prefix tuning) on "
+                                            "instruction data",
+                              description="Train an adapter on a frozen base model: adaption prompts and "
+                                          "gates, LoRA, or prefix tuning (--method). "
                                           "Multi-process: torchrun --nproc_per_node N -m training ...")
     add_arguments(p)
     p.set_defaults(func=run)

@@ -14,15 +14,29 @@ from typing import Any
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
+METHODS = ("llama-adapter", "lora", "prefix-tuning")
+# Base learning rate per method when neither --lr nor blr is given (lr = blr × eff batch / 256).
+# LoRA's B starts at zero and its delta grows with lr²-like speed: 10× lower than the prompts'.
+METHOD_BLR = {"llama-adapter": 0.64, "lora": 0.064, "prefix-tuning": 0.32}
+
+
 @dataclass
 class TrainConfig:
     model: str = "default"
+    method: str = "llama-adapter"        # METHODS: which member of the adapter family to train
     # Adapter shape. The paper's 7B numbers (K=10, L=30 of 32) live in recipes/; on the 30-layer
     # default model the top 15 layers learned the demo task as well as all 30 did (90% held-out
     # exact match each) at about half the step time (the layers below run once, without autograd).
     adapter_len: int = 10
     adapter_layers: int = 15
     gate_kind: str = "per_head"          # "per_head" (paper) or "scalar" (PEFT)
+    # LoRA (--method lora): rank, alpha (scaling alpha/rank, or alpha/√rank with rsLoRA), targets;
+    # it adapts the top adapter_layers layers. Prefix tuning uses adapter_len as its prefix length
+    # P and adapts every layer.
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_rslora: bool = False
+    lora_targets: tuple[str, ...] = ("q", "v")
     prompt_init_std: float = 0.02
     # Optimisation (paper: AdamW betas (0.9, 0.95), wd 0.02, lr = blr * eff_batch / 256).
     epochs: float = 6.0
@@ -30,7 +44,7 @@ class TrainConfig:
     # The paper's blr (9e-3, in recipes/) is for ~8K steps; a few-hundred-step run needs a larger
     # one: 0.64 gives lr 2e-2 at effective batch 8, which on the demo task reached a lower eval
     # loss than 5e-3 and 1e-2 in the same number of steps.
-    blr: float = 0.64
+    blr: float | None = None             # None = METHOD_BLR[method] (0.64 for llama-adapter)
     lr: float | None = None              # absolute lr; None = blr * effective batch / 256
     min_lr: float = 0.0
     warmup_epochs: float = 0.5
@@ -49,14 +63,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives a list
+        self.lora_targets = tuple(self.lora_targets)
         checks = [
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+            (1 <= self.lora_rank <= 128, "lora_rank must be in [1, 128]"),
+            (bool(self.lora_targets) and set(self.lora_targets) <= {"q", "k", "v", "o", "gate", "up", "down"},
+             "lora_targets must be a non-empty subset of q, k, v, o, gate, up, down"),
             (self.adapter_len >= 1, "adapter_len must be >= 1"),
             (self.adapter_layers >= 1, "adapter_layers must be >= 1"),
             (self.gate_kind in ("per_head", "scalar"), "gate_kind must be 'per_head' or 'scalar'"),
             (self.epochs > 0, "epochs must be > 0"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
-            (self.blr > 0, "blr must be > 0"),
+            (self.blr is None or self.blr > 0, "blr must be > 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
@@ -73,11 +92,13 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * world_size
 
     def peak_lr(self, world_size: int) -> float:
-        return self.lr if self.lr is not None else self.blr * self.effective_batch(world_size) / 256
+        blr = self.blr if self.blr is not None else METHOD_BLR[self.method]
+        return self.lr if self.lr is not None else blr * self.effective_batch(world_size) / 256
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d["lora_targets"] = list(self.lora_targets)
         return d
 
     @classmethod

@@ -20,21 +20,20 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from model.adapter import AdapterWeights
 from model.fingerprint import base_fingerprint
 
 from . import checkpoint
 from .config import TrainConfig
 from .data import Dataset, Example, collate, plan_epoch, rank_slice
 from .distributed import DistContext
-from .model import LowerStates, TrainableAdapter, freeze
+from .model import LowerStates, Trainable, freeze, make_trainable
 
 log = logging.getLogger("training")
 
 
 @dataclass
 class TrainResult:
-    weights: AdapterWeights            # detached, CPU float32
+    weights: Any                       # AdapterWeights | LoraWeights | PrefixWeights; detached, CPU float32
     steps: int
     final_train_loss: float
     final_eval_loss: float | None
@@ -81,12 +80,11 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
     torch.manual_seed(cfg.seed)
     freeze(base)
     device = ctx.device
-    adapter = TrainableAdapter(base.config, cfg.adapter_len, cfg.adapter_layers, cfg.gate_kind,
-                               cfg.prompt_init_std, cfg.seed).to(device)
+    adapter = make_trainable(cfg, base.config).to(device)
     sched = Schedule.for_run(cfg, len(data.train), ctx.world_size)
     eff = cfg.effective_batch(ctx.world_size)
     peak_lr = cfg.peak_lr(ctx.world_size)
-    params = [adapter.prompts, adapter.gates]
+    params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: sched.lr_factor(s, cfg.min_lr / peak_lr))
@@ -155,7 +153,7 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
                 loss = adapter.summed_loss(base, lower, labels)
             (loss / n_targets).backward()
             loss_sum += loss.detach()
-        ctx.all_reduce_sum([adapter.prompts.grad, adapter.gates.grad, loss_sum])
+        ctx.all_reduce_sum([*(p.grad for p in params), loss_sum])
         grad_norm = None
         if cfg.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -186,15 +184,13 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
 
     last = history[-min(10, len(history)):]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
-    w = adapter.weights()
-    weights = AdapterWeights(list(w.layers), w.prompts.detach().float().cpu(), w.gates.detach().float().cpu())
-    return TrainResult(weights, step, sum(r["train_loss"] for r in last) / len(last),
+    return TrainResult(adapter.export(), step, sum(r["train_loss"] for r in last) / len(last),
                        evals[-1] if evals else None, history, elapsed,
                        tokens_done / elapsed if elapsed > 0 else 0.0)
 
 
 @torch.no_grad()
-def evaluate(adapter: TrainableAdapter, base, examples: list[Example], states: LowerStates,
+def evaluate(adapter: Trainable, base, examples: list[Example], states: LowerStates,
              ctx: DistContext, batch_size: int, pad_id: int, autocast) -> float:
     """Token-mean loss over the held-out examples, sharded across ranks."""
     mine = sorted(range(ctx.rank, len(examples), ctx.world_size), key=lambda i: len(examples[i].input_ids))

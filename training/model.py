@@ -1,7 +1,10 @@
-"""The trainable part: adaption prompts and zero-initialised gates over a frozen base model.
-
-The adapter enters the base through the serving math itself (`model.adapter.compute_adapter_kv`
-+ `AdapterBatch.broadcast` into `Transformer.run_layers`), so what is trained is what is served.
+"""The trainable part over a frozen base model, one class per method (`--method`):
+  * LLaMA-Adapter: adaption prompts and zero-initialised gates;
+  * LoRA: A (PEFT's Kaiming-uniform init) and B (zeros) per target projection;
+  * prefix tuning: per-layer prefix keys/values.
+Each starts at (LoRA, LLaMA-Adapter) or near (prefix tuning) the base model, and enters it
+through the serving math itself (`model.adapter`, `model.lora`, `model.prefix_tuning`, as one
+shared adapter broadcast over the batch), so what is trained is what is served.
 Two savings that change nothing in the result:
   * the frozen layers below the first adapted one do not see the adapter: they run without
     autograd (and `LowerStates` can compute them once per example for a multi-epoch run);
@@ -11,13 +14,17 @@ Two savings that change nothing in the result:
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.adapter import AdapterBatch, AdapterWeights, compute_adapter_kv
+from model.batch_adapters import BatchAdapters
 from model.config import ModelConfig
+from model.lora import LoraBatch, LoraWeights, target_shape
+from model.prefix_tuning import PrefixBatch, PrefixWeights
 
 from .data import IGNORE, Example, collate
 
@@ -25,29 +32,21 @@ from .data import IGNORE, Example, collate
 LOWER_STATES_BUDGET_BYTES = 1 << 30
 
 
-class TrainableAdapter(nn.Module):
-    def __init__(self, cfg: ModelConfig, adapter_len: int, adapter_layers: int, gate_kind: str,
-                 init_std: float, seed: int):
+class Trainable(nn.Module):
+    """What the loop needs of every method: the adapted layers and the loss. Each method adds
+    `batch_adapters(base, batch_size)` (the adapter as the model takes it, differentiable),
+    `weights()` (as served, differentiable) and `export()` (detached CPU float32 weights)."""
+
+    def __init__(self, cfg: ModelConfig, adapter_layers: int):
         super().__init__()
         if adapter_layers > cfg.n_layers:
             raise ValueError(f"adapter_layers={adapter_layers} but the model has {cfg.n_layers} layers")
         self.n_layers = cfg.n_layers
         self.layers = list(range(cfg.n_layers - adapter_layers, cfg.n_layers))   # the top L layers
-        # Same seed → same initial prompts on every rank, with no broadcast needed.
-        g = torch.Generator().manual_seed(seed)
-        self.prompts = nn.Parameter(torch.randn(adapter_layers, adapter_len, cfg.dim, generator=g) * init_std)
-        # Raw gates; the effective gate is tanh(raw) as in the paper's training code. Zero → the
-        # model starts exactly at the base model.
-        n_gates = cfg.n_heads if gate_kind == "per_head" else 1
-        self.gates = nn.Parameter(torch.zeros(adapter_layers, n_gates))
 
     @property
     def first_layer(self) -> int:
         return self.layers[0]
-
-    def weights(self) -> AdapterWeights:
-        """The adapter as served (effective gates); differentiable."""
-        return AdapterWeights(self.layers, self.prompts, torch.tanh(self.gates))
 
     @torch.no_grad()
     def lower_states(self, base, tokens: torch.Tensor) -> torch.Tensor:
@@ -56,8 +55,7 @@ class TrainableAdapter(nn.Module):
 
     def summed_loss(self, base, lower: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of next-token cross-entropies over the target positions (the caller normalises)."""
-        kv = compute_adapter_kv(base, self.weights())
-        h = base.run_layers(lower, adapters=AdapterBatch.broadcast(kv, lower.shape[0]),
+        h = base.run_layers(lower, adapters=self.batch_adapters(base, lower.shape[0]),
                             layers=range(self.first_layer, self.n_layers))
         targets = labels[:, 1:]
         keep = targets != IGNORE
@@ -65,11 +63,94 @@ class TrainableAdapter(nn.Module):
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
+class TrainableAdapter(Trainable):
+    def __init__(self, cfg: ModelConfig, adapter_len: int, adapter_layers: int, gate_kind: str,
+                 init_std: float, seed: int):
+        super().__init__(cfg, adapter_layers)
+        # Same seed → same initial prompts on every rank, with no broadcast needed.
+        g = torch.Generator().manual_seed(seed)
+        self.prompts = nn.Parameter(torch.randn(adapter_layers, adapter_len, cfg.dim, generator=g) * init_std)
+        # Raw gates; the effective gate is tanh(raw) as in the paper's training code. Zero → the
+        # model starts exactly at the base model.
+        n_gates = cfg.n_heads if gate_kind == "per_head" else 1
+        self.gates = nn.Parameter(torch.zeros(adapter_layers, n_gates))
+
+    def weights(self) -> AdapterWeights:
+        """The adapter as served (effective gates); differentiable."""
+        return AdapterWeights(self.layers, self.prompts, torch.tanh(self.gates))
+
+    def batch_adapters(self, base, batch_size: int) -> AdapterBatch:
+        return AdapterBatch.broadcast(compute_adapter_kv(base, self.weights()), batch_size)
+
+    def export(self) -> AdapterWeights:
+        w = self.weights()
+        return AdapterWeights(list(w.layers), w.prompts.detach().float().cpu(), w.gates.detach().float().cpu())
+
+
+class TrainableLora(Trainable):
+    def __init__(self, cfg: ModelConfig, rank: int, alpha: float, use_rslora: bool, targets: tuple[str, ...],
+                 adapter_layers: int, seed: int):
+        super().__init__(cfg, adapter_layers)
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        g = torch.Generator().manual_seed(seed)
+        self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
+        for t in targets:
+            d_in, d_out = target_shape(cfg, t)
+            # PEFT's init: A ~ Kaiming-uniform (a=√5, i.e. U(±1/√in)), B = 0, so training starts
+            # exactly at the base model.
+            bound = 1 / math.sqrt(d_in)
+            self.a[t] = nn.Parameter(torch.rand(len(self.layers), rank, d_in, generator=g) * 2 * bound - bound)
+            self.b[t] = nn.Parameter(torch.zeros(len(self.layers), d_out, rank))
+
+    def weights(self) -> LoraWeights:
+        return LoraWeights(self.layers, self.rank, self.alpha, self.use_rslora, dict(self.a), dict(self.b))
+
+    def batch_adapters(self, base, batch_size: int) -> BatchAdapters:
+        return BatchAdapters([], lora=LoraBatch.broadcast(self.weights(), self.n_layers))
+
+    def export(self) -> LoraWeights:
+        w = self.weights()
+        return LoraWeights(list(w.layers), w.rank, w.alpha, w.use_rslora,
+                           {t: v.detach().float().cpu() for t, v in w.a.items()},
+                           {t: v.detach().float().cpu() for t, v in w.b.items()})
+
+
+class TrainablePrefix(Trainable):
+    """A prefix in every layer (as PEFT stores it), so nothing runs below the adapter."""
+
+    def __init__(self, cfg: ModelConfig, prefix_len: int, init_std: float, seed: int):
+        super().__init__(cfg, cfg.n_layers)
+        g = torch.Generator().manual_seed(seed)
+        shape = (cfg.n_layers, cfg.n_kv_heads, prefix_len, cfg.head_dim)
+        self.keys = nn.Parameter(torch.randn(shape, generator=g) * init_std)
+        self.values = nn.Parameter(torch.randn(shape, generator=g) * init_std)
+
+    def weights(self) -> PrefixWeights:
+        return PrefixWeights(self.keys, self.values)
+
+    def batch_adapters(self, base, batch_size: int) -> BatchAdapters:
+        return BatchAdapters([], prefix=PrefixBatch.broadcast(self.weights(), batch_size))
+
+    def export(self) -> PrefixWeights:
+        return PrefixWeights(self.keys.detach().float().cpu(), self.values.detach().float().cpu())
+
+
+def make_trainable(cfg, model_cfg: ModelConfig) -> Trainable:
+    """The trainable adapter `cfg.method` asks for (cfg: training.config.TrainConfig)."""
+    if cfg.method == "lora":
+        return TrainableLora(model_cfg, cfg.lora_rank, cfg.lora_alpha, cfg.lora_rslora, tuple(cfg.lora_targets),
+                             cfg.adapter_layers, cfg.seed)
+    if cfg.method == "prefix-tuning":
+        return TrainablePrefix(model_cfg, cfg.adapter_len, cfg.prompt_init_std, cfg.seed)
+    return TrainableAdapter(model_cfg, cfg.adapter_len, cfg.adapter_layers, cfg.gate_kind,
+                            cfg.prompt_init_std, cfg.seed)
+
+
 class LowerStates:
     """Lower-layer states for a fixed list of examples: computed once and kept (`cache=True`,
     for runs that revisit examples) or computed per batch from the tokens."""
 
-    def __init__(self, adapter: TrainableAdapter, base, examples: list[Example], pad_id: int,
+    def __init__(self, adapter: Trainable, base, examples: list[Example], pad_id: int,
                  device: torch.device, autocast: contextlib.AbstractContextManager, cache: bool,
                  batch_size: int):
         self.adapter, self.base, self.autocast = adapter, base, autocast
@@ -87,7 +168,7 @@ class LowerStates:
                 self.kept[i] = h[row, :len(examples[i].input_ids)].clone()
 
     @staticmethod
-    def worth_keeping(adapter: TrainableAdapter, examples: list[Example], dim: int,
+    def worth_keeping(adapter: Trainable, examples: list[Example], dim: int,
                       element_size: int, passes: float) -> bool:
         size = sum(len(e.input_ids) for e in examples) * dim * element_size
         return adapter.first_layer > 0 and passes > 1 and size <= LOWER_STATES_BUDGET_BYTES
