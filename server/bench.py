@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
+
 _TOPICS = ("a lighthouse keeper", "the first snow of winter", "a lost robot", "a busy market", "an old map",
            "a river journey", "a chess tournament", "a bakery at dawn", "a mountain rescue", "a secret garden",
            "a night train", "a tiny dragon", "the last library", "a desert well", "a jazz musician",
@@ -52,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="benchmark the engine against transformers/PEFT and the rooflines",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default', an HF directory (peers need one), or any load_model spec")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default=DEFAULT_CPU_WEIGHTS,
+                   help=f"the engine's CPU weight format (default {DEFAULT_CPU_WEIGHTS}; see serve --help)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     p.add_argument("--requests", type=int, help="concurrent requests (default 32)")
@@ -79,7 +83,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--requests, --adapters, --new-tokens and --peft-batches must be ≥ 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, weights=args.weights)
     peers = not args.no_peers
     if peers and not (Path(loaded.path) / "config.json").is_file():
         raise ValueError(f"{loaded.path}: transformers/PEFT peers need an HF model directory (or pass --no-peers)")
@@ -235,12 +239,12 @@ def copy_bandwidth(mib: int, repeats: int = 5) -> float:
 def matmul_rate(n: int, repeats: int = 5) -> float:
     """GFLOP/s of an n×n×n float32 matrix product (the machine's practical peak): the faster of
     the BLAS behind `@` and, where the engine uses it, oneDNN with a prepacked weight."""
-    from model.packed_linear import PackedLinear, packing_available  # noqa: PLC0415
+    from model.packed_linear import OneDNNLinear, packing_available  # noqa: PLC0415
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     products = [lambda: a @ b]
     if packing_available(b):
-        packed = PackedLinear([b])
+        packed = OneDNNLinear([b])
         products.append(lambda: packed(a))
     best = float("inf")
     for product in products:
