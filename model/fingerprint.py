@@ -33,6 +33,7 @@ def fingerprint_weights(cfg: ModelConfig, weight: Callable[[str], torch.Tensor])
     for layer in (0, cfg.n_layers - 1):
         for proj in ("wk", "wv"):
             w = weight(f"layers.{layer}.attention.{proj}.weight")
-            sample = w.detach()[:4, :64].to(device="cpu", dtype=torch.bfloat16).float()
+            # + 0.0 turns −0.0 into 0.0: dequantizers differ in the sign of their zeros.
+            sample = w.detach()[:4, :64].to(device="cpu", dtype=torch.bfloat16).float() + 0.0
             h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]

@@ -137,6 +137,12 @@ class Int4Linear(PackedLinear):
         scales = torch.cat([w.scales for w in weights])
         # The kernel computes (code − 8) · scale + zero.
         zeros = torch.cat([w.mins for w in weights]) + 8 * scales
+        # It takes output sizes in multiples of 16: extra rows of zero weights, cut off after.
+        self.n = codes.shape[0]
+        pad = -self.n % 16
+        if pad:
+            codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
+            scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         # [K // G, N, 2] (scale, zero) pairs, bf16: the kernel takes the input's dtype.
         self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
@@ -144,7 +150,7 @@ class Int4Linear(PackedLinear):
     def product(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16),
                                                        self.packed, INT4_GROUP, self.scales_and_zeros)
-        return y.float().view(*x.shape[:-1], -1)
+        return y[:, :self.n].float().view(*x.shape[:-1], -1)
 
 
 def pack_linear(weights: list[torch.Tensor | Int4Weight], mode: str) -> PackedLinear:
