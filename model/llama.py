@@ -6,6 +6,8 @@ and optional per-sequence adapter inputs. Parameter names follow Meta's checkpoi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,10 +15,13 @@ from torch import nn
 from .adapter import AdapterBatch, adapter_attention
 from .batch_adapters import BatchAdapters, LayerAdapters
 from .config import ModelConfig
-from .fingerprint import base_fingerprint
 from .kv_cache import KVCache, as_slice
-from .packed_linear import PackedLinear, packing_available
+from .packed_linear import Int4Weight, PackedLinear, pack_linear, packing_available
 from .rope import apply_rope, rope_table
+
+
+# Packs the named linear weights of one module (e.g. "wq", "wk", "wv") as one PackedLinear.
+PackLinear = Callable[..., PackedLinear]
 
 
 class RMSNorm(nn.Module):
@@ -40,9 +45,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.wqkv: PackedLinear | None = None    # replaces wq/wk/wv once packed for CPU inference
 
-    def pack(self) -> None:
-        self.wqkv = PackedLinear([self.wq.weight, self.wk.weight, self.wv.weight])
-        self.wo = PackedLinear([self.wo.weight])
+    def pack(self, linear: "PackLinear") -> None:
+        self.wqkv = linear("wq", "wk", "wv")
+        self.wo = linear("wo")
         del self.wq, self.wk, self.wv
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,9 +103,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)   # up
         self.w13: PackedLinear | None = None     # replaces w1/w3 once packed for CPU inference
 
-    def pack(self) -> None:
-        self.w13 = PackedLinear([self.w1.weight, self.w3.weight])
-        self.w2 = PackedLinear([self.w2.weight])
+    def pack(self, linear: "PackLinear") -> None:
+        self.w13 = linear("w1", "w3")
+        self.w2 = linear("w2")
         del self.w1, self.w3
 
     def forward(self, x: torch.Tensor, adapter: LayerAdapters | None = None) -> torch.Tensor:
@@ -170,29 +175,39 @@ class Transformer(nn.Module):
         # Explicit device: the loaders build the model under torch.device("meta").
         self.register_buffer("rope_cos", cos.to("cpu"), persistent=False)
         self.register_buffer("rope_sin", sin.to("cpu"), persistent=False)
-        self.packed_fingerprint: str | None = None   # base_fingerprint, kept when packing
 
     @property
     def packed(self) -> bool:
         return isinstance(self.output, PackedLinear)
 
-    def pack_for_cpu_inference(self) -> bool:
-        """Swap every linear layer for its oneDNN-prepacked form (model/packed_linear.py).
+    def pack_for_cpu_inference(self, mode: str = "fp32",
+                               quantized: dict[str, Int4Weight] | None = None) -> bool:
+        """Swap every linear layer for its packed form in weight mode `mode`
+        (model/packed_linear.py); the loader does this once, for inference (model/loading.py).
 
-        Inference only and one way: afterwards the model has no autograd through its linears and
-        no dense linear weights (their packed copies replace them, so memory does not double; a
-        tied head costs one extra copy, the embedding stays dense). Returns whether the model is
-        packed; a model that cannot be (not float32 on a oneDNN CPU) is left as it is.
+        `quantized`: weights the checkpoint holds as 4-bit codes (GGUF mode), by parameter name;
+        their dense parameters were never materialised. Inference only and one way: afterwards
+        the model has no autograd through its linears and no dense linear weights (their packed
+        copies replace them, so memory does not double; a tied head costs one extra copy, the
+        embedding stays dense float32). Returns whether the model is packed; a model that cannot
+        be (not float32 on a oneDNN CPU) is left as it is.
         """
         if self.packed:
-            return True
+            raise ValueError("this model is already packed")
         if not packing_available(self.tok_embeddings.weight):
             return False
-        self.packed_fingerprint = base_fingerprint(self)
-        for layer in self.layers:
-            layer.attention.pack()
-            layer.feed_forward.pack()
-        self.output = PackedLinear([self.output.weight])
+        quantized = quantized or {}
+
+        def packer(prefix: str) -> PackLinear:
+            def linear(*names: str) -> PackedLinear:
+                full = [f"{prefix}.{n}.weight" for n in names]
+                return pack_linear([quantized.get(n) or self.get_parameter(n) for n in full], mode)
+            return linear
+
+        for i, layer in enumerate(self.layers):
+            layer.attention.pack(packer(f"layers.{i}.attention"))
+            layer.feed_forward.pack(packer(f"layers.{i}.feed_forward"))
+        self.output = pack_linear([quantized.get("output.weight") or self.output.weight], mode)
         # What stays dense (embedding, norms) may be views of the checkpoint's memory map, which
         # would keep every page the packing read resident: own copies let the map go.
         for p in self.parameters():

@@ -3,7 +3,9 @@
 (a) the engine: N concurrent requests spread over M adapters; (b) the same requests on the base
 model; (c) transformers + PEFT adaption_prompt, one batch per adapter (`set_adapter`, the best
 batching PEFT allows); (d) transformers, all N requests as one homogeneous base-model batch;
-(e) batch-1 decode (engine and transformers); (f) rooflines from a copy bandwidth and a matmul
+(e) batch-1 decode (engine, transformers, and llama.cpp on the model's GGUF with the same threads
+when `llama-cpp-python` is installed; it is not in the dev extras: PyPI has no wheel of it, and its
+source build is long); (f) rooflines from a copy bandwidth and a matmul
 rate measured in this run; (g) time to first token under the load of (a); (h) the requests of
 (b), each constrained by a JSON schema (structured output: a grammar mask per row per step);
 (i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .bench_kinds import format_kinds, measure_kinds
+from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
 
 _TOPICS = ("a lighthouse keeper", "the first snow of winter", "a lost robot", "a busy market", "an old map",
            "a river journey", "a chess tournament", "a bakery at dawn", "a mountain rescue", "a secret garden",
@@ -57,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="benchmark the engine against transformers/PEFT and the rooflines",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default', an HF directory (peers need one), or any load_model spec")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default=DEFAULT_CPU_WEIGHTS,
+                   help=f"the engine's CPU weight format (default {DEFAULT_CPU_WEIGHTS}; see serve --help)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     p.add_argument("--requests", type=int, help="concurrent requests (default 32)")
@@ -64,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, help="generated tokens per request (default 128)")
     p.add_argument("--peft-batches", type=int,
                    help="how many of the per-adapter batches PEFT runs (default 2; all = the full work)")
-    p.add_argument("--no-peers", action="store_true", help="skip transformers and PEFT (c, d, e-peer)")
+    p.add_argument("--no-peers", action="store_true", help="skip transformers, PEFT and llama.cpp (c, d, e-peers)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run (a), (b) and (d) this many times and keep each one's best "
@@ -84,9 +89,9 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--requests, --adapters, --new-tokens and --peft-batches must be ≥ 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, weights=args.weights)
     peers = not args.no_peers
-    if peers and not (Path(loaded.path) / "config.json").is_file():
+    if peers and hf_dir_of(Path(loaded.path)) is None:
         raise ValueError(f"{loaded.path}: transformers/PEFT peers need an HF model directory (or pass --no-peers)")
     if args.repeats < 1:
         raise ValueError("--repeats must be ≥ 1")
@@ -111,8 +116,9 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
     machine = {"copy_gb_s": copy_bandwidth(sizes.copy_mib), "matmul_gflop_s": matmul_rate(sizes.matmul_n),
                "threads": torch.get_num_threads()}
     mean_context = statistics.mean(map(len, prompts)) + sizes.new_tokens / 2
-    roof = rooflines(model, machine, mean_context)
+    roof = rooflines(model, machine, mean_context, loaded.weights)
     out: dict = {"model": loaded.name, "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+                 "weights": loaded.weights,
                  "device": str(model.tok_embeddings.weight.device), "sizes": asdict(sizes),
                  "adapter_layers": len(adapters[0].layers), "prompt_tokens_mean": statistics.mean(map(len, prompts)),
                  "machine": machine, "roofline": roof}
@@ -142,7 +148,11 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
             for i, w in enumerate(adapters):
                 meta = metadata_for(w, model, "uploaded", fingerprint=loaded.fingerprint)
                 peft_dirs.append(export_peft(w, meta, Path(tmp) / "peft" / f"bench{i}"))
-            out["transformers"] = transformers_runs(Path(loaded.path), prompts, peft_dirs, sizes, repeats)
+            out["transformers"] = transformers_runs(hf_dir_of(Path(loaded.path)), prompts, peft_dirs, sizes, repeats)
+            gguf = gguf_of(Path(loaded.path))
+            rate = llama_cpp_batch1(gguf, prompts[0], sizes.new_tokens) if gguf is not None else None
+            if rate is not None:
+                out["llama_cpp"] = {"gguf": gguf.name, "batch1_decode_tok_s": rate}
         out["kinds"] = measure_kinds(loaded, registry, prompts, refs, sizes, peers, Path(tmp), engine_run,
                                      b["tok_s"])
     out["ratios"] = ratios(out)
@@ -189,6 +199,37 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, schema: dict
     return {"tok_s": sum(r.generated_tokens for r in results) / wall,
             "decode_tok_s": (new_tokens - 1) / max(decode_s) if new_tokens > 1 else float("nan"),
             "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95)}
+
+
+def hf_dir_of(path: Path) -> Path | None:
+    """The HF directory transformers loads: the model's own, or the converted default model
+    directory its GGUF is kept in."""
+    return next((d for d in (path, path.parent) if (d / "config.json").is_file()), None)
+
+
+def gguf_of(path: Path) -> Path | None:
+    """The GGUF llama.cpp runs: the model itself, or the default model's original GGUF kept in
+    its converted directory."""
+    if path.suffix == ".gguf":
+        return path
+    return next(iter(sorted(path.glob("*.gguf"))), None) if path.is_dir() else None
+
+
+def llama_cpp_batch1(gguf: Path, prompt: list[int], new_tokens: int) -> float | None:
+    """llama.cpp's batch-1 greedy decode tok/s on `gguf` with torch's thread count, the same
+    prompt tokens and token count as (e); None when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama  # noqa: PLC0415 (optional peer)
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_threads=torch.get_num_threads(), n_ctx=len(prompt) + new_tokens + 8,
+                verbose=False)
+    stamps = []
+    for _ in llm.generate(prompt, top_k=1, temp=0.0):
+        stamps.append(time.perf_counter())
+        if len(stamps) == new_tokens:
+            break
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
 
 
 def transformers_runs(path: Path, prompts, peft_dirs, sizes: BenchSizes, repeats: int = 1) -> dict:
@@ -251,12 +292,12 @@ def copy_bandwidth(mib: int, repeats: int = 5) -> float:
 def matmul_rate(n: int, repeats: int = 5) -> float:
     """GFLOP/s of an n×n×n float32 matrix product (the machine's practical peak): the faster of
     the BLAS behind `@` and, where the engine uses it, oneDNN with a prepacked weight."""
-    from model.packed_linear import PackedLinear, packing_available  # noqa: PLC0415
+    from model.packed_linear import OneDNNLinear, packing_available  # noqa: PLC0415
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     products = [lambda: a @ b]
     if packing_available(b):
-        packed = PackedLinear([b])
+        packed = OneDNNLinear([b])
         products.append(lambda: packed(a))
     best = float("inf")
     for product in products:
@@ -265,11 +306,16 @@ def matmul_rate(n: int, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def rooflines(model, machine: dict, mean_context: float) -> dict:
+# Bytes a weight takes in each CPU weight mode (int4: 4 bits plus a bf16 scale and zero per 32;
+# GGUF mode: the default model's Q4_1 layers are the same).
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.625, "gguf": 0.625}
+
+
+def rooflines(model, machine: dict, mean_context: float, weights: str | None = None) -> dict:
     """Batch-1 decode reads every weight once per token; batched decode is bound by FLOPs."""
     cfg = model.config
-    # From the config, not the modules: an engine repacks the CPU linears (model/packed_linear.py).
-    weight_bytes = cfg.param_count() * model.tok_embeddings.weight.element_size()   # tied head once
+    # From the config, not the packed modules (model/packed_linear.py); the tied head counted once.
+    weight_bytes = cfg.param_count() * BYTES_PER_WEIGHT.get(weights, model.tok_embeddings.weight.element_size())
     attention_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * mean_context
     flops_per_token = cfg.flops_per_token() + attention_flops
     return {"weight_bytes": weight_bytes, "flops_per_token": flops_per_token,
@@ -297,16 +343,18 @@ def ratios(r: dict) -> dict:
         out.update(a_over_c=e["adapters_tok_s"] / t["peft_per_adapter_batches_tok_s"],
                    a_over_d=e["adapters_tok_s"] / t["homogeneous_batch_tok_s"],
                    e_over_transformers_batch1=e["batch1_decode_tok_s"] / t["batch1_decode_tok_s"])
+    if "llama_cpp" in r:
+        out["e_over_llama_cpp_batch1"] = e["batch1_decode_tok_s"] / r["llama_cpp"]["batch1_decode_tok_s"]
     return out
 
 
 GOALS = {"a_over_c": 10.0, "a_over_d": 1.0, "a_over_b": 0.90, "h_over_b": 0.85, "a_over_compute_roofline": 0.75,
-         "e_over_bandwidth_roofline": 0.8, "e_over_transformers_batch1": 1.0}
+         "e_over_bandwidth_roofline": 0.8, "e_over_transformers_batch1": 1.0, "e_over_llama_cpp_batch1": 0.75}
 
 
 def format_table(r: dict) -> str:
     s, e, roof, m, q = r["sizes"], r["engine"], r["roofline"], r["machine"], r["ratios"]
-    t = r.get("transformers")
+    t, lc = r.get("transformers"), r.get("llama_cpp")
 
     def ratio(key, label):
         if key not in q:
@@ -329,12 +377,15 @@ def format_table(r: dict) -> str:
          ratio("e_over_bandwidth_roofline", "(e)/bandwidth roofline")),
         ("    transformers batch-1 decode" if t else "    transformers batch-1 (skipped)",
          t and t["batch1_decode_tok_s"], ratio("e_over_transformers_batch1", "(e)/transformers")),
+        (f"    llama.cpp batch-1 decode ({lc['gguf']})" if lc else "    llama.cpp batch-1 (skipped: no llama-cpp-python or GGUF)",
+         lc and lc["batch1_decode_tok_s"], ratio("e_over_llama_cpp_batch1", "(e)/llama.cpp")),
         (f"(f) bandwidth roofline, batch 1: {roof['weight_bytes'] / 1e6:.0f} MB ÷ {m['copy_gb_s']:.1f} GB/s",
          roof["bandwidth_batch1_tok_s"], ""),
         (f"    compute roofline: {roof['flops_per_token'] / 1e9:.3f} GFLOP/token ÷ {m['matmul_gflop_s']:.1f} GFLOP/s",
          roof["compute_tok_s"], ratio("a_over_compute_roofline", "(a)/compute roofline")),
     ]
-    lines = [f"adapter-server bench: {r['model']} ({r['dtype']}, {r['device']}, {m['threads']} threads); "
+    lines = [f"adapter-server bench: {r['model']} ({r['weights'] or r['dtype']} weights, {r['device']}, "
+             f"{m['threads']} threads); "
              f"{s['requests']} requests × {s['new_tokens']} new tokens, prompts ≈ {r['prompt_tokens_mean']:.0f} tokens, "
              f"{s['adapters']} adapters (K={s['adapter_len']}, {r['adapter_layers']} layers)",
              f"{'':70s} {'tok/s':>9s}"]

@@ -156,9 +156,6 @@ class Engine:
         if self.config.dtype is not None and getattr(torch, self.config.dtype, None) != self.dtype:
             raise ValueError(f"engine dtype {self.config.dtype} != model dtype {self.dtype}: "
                              "load the model with the engine's dtype")
-        # The engine only runs inference: on CPU the model gets its oneDNN-prepacked linears
-        # (a no-op elsewhere and when already packed).
-        self.model.pack_for_cpu_inference()
         self.n_layers = self.model.config.n_layers
         self.vocab_size = self.model.config.vocab_size
         self.max_seq_len = min(self.config.max_seq_len, self.model.config.max_seq_len)

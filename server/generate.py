@@ -9,6 +9,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -17,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="prompt text (tokenized as the model's tokenizer config says)")
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct), an HF or Meta checkpoint directory, or a .gguf file")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default=DEFAULT_CPU_WEIGHTS,
+                   help=f"CPU weight format (default {DEFAULT_CPU_WEIGHTS}; see serve --help)")
     p.add_argument("--adapter", type=Path, help="adapter file (.safetensors in this project's adapter format)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -40,7 +44,7 @@ def run_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed)
     params.validate()
     adapter_bytes = args.adapter.read_bytes() if args.adapter is not None else None
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, weights=args.weights)
     tok = loaded.tokenizer
     prompt_ids = (tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
                   else tok.encode(args.prompt))

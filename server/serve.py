@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
+
 ENV_PREFIX = "ADAPTER_SERVER_"
 log = logging.getLogger("adapter_server.serve")
 
@@ -112,6 +114,10 @@ def register(subparsers) -> None:
          shown="cuda when available")
     _add(p, "--dtype", None, "weights and KV cache dtype", type=_one_of("float32", "bfloat16", "float16"),
          metavar="{float32,bfloat16,float16}", shown="float32 on CPU, bfloat16 on CUDA")
+    _add(p, "--weights", None, "CPU weight format: fp32 (the reference), bf16 (oneDNN), int8 / int4 "
+         "(weight-only), gguf (a .gguf model's own 4-bit codes; with --model default its GGUF)",
+         type=_one_of(*WEIGHT_CHOICES), metavar="{" + ",".join(WEIGHT_CHOICES) + "}",
+         shown=f"{DEFAULT_CPU_WEIGHTS} on CPU; CUDA uses --dtype")
     _add(p, "--compile", False, "torch.compile the decode step (CUDA)", type=_flag_bool, nargs="?", const=True)
     _add(p, "--model-id", None, "the base model's id in the OpenAI API", shown="the model's name")
     _add(p, "--default-max-new-tokens", 256, "tokens generated when a request sets no limit",
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from adapters.registry import AdapterRegistry
     from adapters.store import AdapterStore
     from adapters.validation import ValidationLimits
-    from model.loading import load_model
+    from model.loading import inference_weights, load_model
     from server.app import ServerSettings, create_app
     from server.engine import Engine
     from server.replica_watch import StoreWatcher
@@ -158,8 +164,9 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError("--device cuda but no CUDA device is available")
     dtype = getattr(torch, args.dtype) if args.dtype else None
 
-    log.info("loading base model %r on %s", args.model, device)
-    loaded = load_model(args.model, device=device, dtype=dtype)
+    weights = inference_weights(args.weights, device)
+    log.info("loading base model %r on %s%s", args.model, device, f", {weights} weights" if weights else "")
+    loaded = load_model(args.model, device=device, dtype=dtype, weights=weights)
     cfg = loaded.config
     model_dtype = next(loaded.model.parameters()).dtype
     log.info("loaded %s from %s: %d layers, dim %d, %d heads (%d KV), vocab %d, context %d, %.1fM params, "

@@ -7,7 +7,8 @@
 * `tiny_model_dir` (session) — an HF-format directory holding a random tiny LLaMA and a small
   byte-level BPE tokenizer with ChatML special tokens and template: `load_model(tiny_model_dir)`
   gives a full `LoadedModel` in well under a second.
-* `tiny_loaded` (session) — `load_model(tiny_model_dir)`. Treat it as read-only.
+* `tiny_loaded` (session) — `load_model(tiny_model_dir, weights="fp32")`, packed for inference.
+  Treat it as read-only. `fresh_tiny_loaded` — a dense load of its own (training).
 * `default_model` (session) — `load_model("default")` (SmolLM2-135M-Instruct, fetched and
   converted on first use). Tests using it should be few and marked `@pytest.mark.slow`.
 * `greedy` — `greedy(model, prompt_ids, max_new_tokens, adapters=None, stop_ids=())` →
@@ -116,15 +117,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
-    """Shared by the serving tests; an engine packs it in place (see fresh_tiny_loaded)."""
+    """Shared by the serving tests: loaded for inference (fp32 weights, packed at load)."""
     from model.loading import load_model
 
-    return load_model(tiny_model_dir)
+    return load_model(tiny_model_dir, weights="fp32")
 
 
 @pytest.fixture
 def fresh_tiny_loaded(tiny_model_dir):
-    """A load of its own, never packed by an engine: for training and dense-weight checks."""
+    """A load of its own with dense weights (no weight mode): for training and dense-weight checks."""
     from model.loading import load_model
 
     return load_model(tiny_model_dir)

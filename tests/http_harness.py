@@ -45,7 +45,8 @@ class LiveServer:
 
     def upload(self, name: str, seed: int, **adapter_kw) -> dict:
         """Upload a random adapter over HTTP; returns the 201 body."""
-        data = adapter_bytes(self.loaded.model, random_adapter(self.loaded.model, seed=seed, **adapter_kw))
+        data = adapter_bytes(self.loaded.model, random_adapter(self.loaded.model, seed=seed, **adapter_kw),
+                             self.loaded.fingerprint)
         with self.admin() as c:
             r = c.put(f"/admin/adapters/{name}", files={"file": ("adapter.safetensors", data)})
         assert r.status_code == 201, r.text

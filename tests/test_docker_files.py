@@ -552,7 +552,7 @@ def test_deployment_doc_curl_examples_work_against_a_real_server(tiny_loaded, tm
     from adapter_helpers import adapter_bytes, random_adapter
 
     (tmp_path / "my-adapter.safetensors").write_bytes(
-        adapter_bytes(tiny_loaded.model, random_adapter(tiny_loaded.model, seed=3)))
+        adapter_bytes(tiny_loaded.model, random_adapter(tiny_loaded.model, seed=3), tiny_loaded.fingerprint))
     commands = doc_curl_commands(ROOT / "docs" / "deployment.md")
     assert len(commands) >= 4
     with live_server(tiny_loaded, tmp_path / "store") as server:

@@ -174,7 +174,7 @@ def test_eos_and_stop_token_ids_finish(loaded):
         prompt, greedy(5, stop_token_ids=[second_token])))])[0]
     assert res.finish_reason == "stop" and res.token_ids == first.token_ids[:2]
     # The tokenizer's EOS ends generation unless ignore_eos; here EOS is made the greedy choice
-    # in a fresh copy of the model (an engine packs its model's weights, so edit them before).
+    # in a fresh copy of the model (the module's model is shared).
     eos = loaded.tokenizer.eos_id
     eos_loving = tiny_loaded_model()
     with torch.no_grad():

@@ -187,7 +187,7 @@ def test_queue_full_is_503_with_retry_after_and_client_gone_cancels(server):
 def test_adapter_added_by_another_replica_is_loaded_on_first_use(server):
     model = server.loaded.model
     replica = AdapterRegistry(AdapterStore(server.registry.store.root), model, server.loaded.fingerprint)
-    replica.upload("elsewhere", adapter_bytes(model, random_adapter(model, seed=21)))
+    replica.upload("elsewhere", adapter_bytes(model, random_adapter(model, seed=21), server.loaded.fingerprint))
     assert not server.registry.is_resident("elsewhere", 1)
     out = generate(server, "elsewhere")
     assert server.registry.is_resident("elsewhere", 1)

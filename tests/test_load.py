@@ -142,7 +142,7 @@ def served(tiny_model_dir, tiny_loaded, tmp_path):
             time.sleep(0.2)
         model = tiny_loaded.model
         for k in range(4):
-            data = adapter_bytes(model, random_adapter(model, seed=k, per_head=k % 2 == 1))
+            data = adapter_bytes(model, random_adapter(model, seed=k, per_head=k % 2 == 1), tiny_loaded.fingerprint)
             r = httpx.put(url + f"/admin/adapters/a{k}", files={"file": ("a.safetensors", data)},
                           headers={"Authorization": f"Bearer {TOKEN}"})
             assert r.status_code == 201, r.text

@@ -76,8 +76,8 @@ def write_meta(path, model, n_shards: int = 1) -> None:
 
 
 def write_gguf(path, model, types: dict[str, str] | None = None, tokenizer_meta=None) -> None:
-    """A llama GGUF with interleaved q/k rows. `types` maps parts of GGUF tensor names to "Q8_0" or
-    "F16"; the rest is F32."""
+    """A llama GGUF with interleaved q/k rows. `types` maps parts of GGUF tensor names to "Q8_0",
+    "Q4_0", "Q4_1" or "F16"; the rest is F32."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.n_layers)
@@ -97,9 +97,9 @@ def write_gguf(path, model, types: dict[str, str] | None = None, tokenizer_meta=
         arr = _to_interleaved(name, t, cfg).numpy().astype(np.float32)
         gname = _gguf_name(name)
         kind = next((t for part, t in (types or {}).items() if part in gname), "F32")
-        if kind == "Q8_0":
-            w.add_tensor(gname, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if kind in ("Q8_0", "Q4_0", "Q4_1"):
+            qtype = getattr(gguf.GGMLQuantizationType, kind)
+            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, arr.astype(np.float16) if kind == "F16" else arr)
     w.write_header_to_file()

@@ -41,7 +41,7 @@ def two_registries(tmp_path, tiny_loaded):
 
 def upload(registry, name, seed):
     model = registry.model
-    return registry.upload(name, adapter_bytes(model, random_adapter(model, seed=seed)))
+    return registry.upload(name, adapter_bytes(model, random_adapter(model, seed=seed), registry.fingerprint))
 
 
 def test_watcher_reports_uploads_and_deletes_of_another_replica(two_registries):
@@ -196,7 +196,7 @@ def replicas(tiny_model_dir, tmp_path_factory):
 def make_adapter(tiny_loaded):
     def make(seed: int) -> bytes:
         model = tiny_loaded.model
-        return adapter_bytes(model, random_adapter(model, seed=seed))
+        return adapter_bytes(model, random_adapter(model, seed=seed), tiny_loaded.fingerprint)
     return make
 
 

@@ -188,8 +188,8 @@ class LowerStates:
 def freeze(base: nn.Module) -> None:
     """The base never gets gradients or optimizer state."""
     if base.packed:
-        raise ValueError("this model was packed for CPU inference (by an engine) and has no autograd "
-                         "through its linear layers: train on a model loaded for training")
+        raise ValueError("this model was packed for CPU inference and has no autograd through its "
+                         "linear layers: train on a model loaded without a weight mode")
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)

@@ -2,7 +2,8 @@
 a lazy stream of tensors under this package's (Meta) names, already in the half-split RoPE
 layout. `build_model` turns a checkpoint into a `Transformer` without ever holding two copies
 of the weights: the model is built on the meta device and each tensor is converted to the
-target device/dtype as it is read, then assigned in place.
+target device/dtype as it is read, then assigned in place. `build_for_inference` then packs the
+linears in a CPU weight mode (model/packed_linear.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
+from ..fingerprint import fingerprint_weights
 from ..llama import Transformer
+from ..packed_linear import Int4Weight
+from ..weight_modes import GGUF_MODE
 
 
 class CheckpointError(ValueError):
@@ -40,7 +44,7 @@ class Checkpoint:
     path: Path
     name: str
     config: ModelConfig
-    tensors: TensorStream       # yields (our name, tensor) one at a time, in half-split layout
+    tensors: TensorStream       # yields (our name, tensor or Int4Weight) one at a time, in half-split layout
     metadata: dict[str, Any] = field(default_factory=dict)   # GGUF key/values (tokenizer lives there)
 
 
@@ -59,23 +63,51 @@ def detect_format(path: Path) -> str:
     raise CheckpointError(f"{path} has neither config.json (HF) nor params.json (Meta)")
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, weights: str | None = None) -> Checkpoint:
+    """`weights`: the weight mode the model will be packed in; GGUF mode needs a .gguf file."""
     # Imported here: the format modules import `Checkpoint` from this package.
     from . import gguf, hf, meta  # noqa: PLC0415
 
     path = Path(path).expanduser()
-    readers = {"gguf": gguf.read_checkpoint, "hf": hf.read_checkpoint, "meta": meta.read_checkpoint}
-    return readers[detect_format(path)](path)
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        return gguf.read_checkpoint(path, keep_4bit=weights == GGUF_MODE)
+    if weights == GGUF_MODE:
+        raise CheckpointError(f"{path}: weight mode {GGUF_MODE!r} serves a GGUF file's own quantization; "
+                              "this checkpoint is not a .gguf file")
+    return {"hf": hf.read_checkpoint, "meta": meta.read_checkpoint}[fmt](path)
 
 
 def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> Transformer:
-    """Frozen, eval-mode Transformer holding the checkpoint's weights on `device` in `dtype`."""
+    """Frozen, eval-mode Transformer holding the checkpoint's weights, dense, on `device` in `dtype`."""
+    model, four_bit = _assemble(ckpt, device, dtype)
+    if four_bit:
+        raise CheckpointError(f"{ckpt.path}: read for 4-bit serving; build it with build_for_inference")
+    return model.to(device)   # the non-persistent RoPE tables (kept float32 for precision)
+
+
+def build_for_inference(ckpt: Checkpoint, weights: str) -> tuple[Transformer, str]:
+    """(frozen eval-mode Transformer on the CPU with its linears packed in weight mode `weights`,
+    its base fingerprint, taken from the dense values before packing)."""
+    model, four_bit = _assemble(ckpt, "cpu", torch.float32)
+    fingerprint = fingerprint_weights(
+        ckpt.config, lambda n: four_bit[n].dequantize() if n in four_bit else model.get_parameter(n))
+    if not model.pack_for_cpu_inference(weights, four_bit):
+        raise CheckpointError(f"weight mode {weights!r} needs a torch build with oneDNN")
+    return model, fingerprint
+
+
+def _assemble(ckpt: Checkpoint, device: str | torch.device,
+              dtype: torch.dtype) -> tuple[Transformer, dict[str, Int4Weight]]:
+    """The model with the checkpoint's dense tensors assigned; 4-bit ones (GGUF mode) are
+    returned aside and their parameters stay on the meta device until packing replaces them."""
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     tied = ckpt.config.tie_embeddings
     state: dict[str, torch.Tensor] = {}
+    four_bit: dict[str, Int4Weight] = {}
     for name, tensor in ckpt.tensors():
         if name not in expected:
             raise CheckpointError(f"{ckpt.path}: unexpected tensor {name!r}")
@@ -84,14 +116,16 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu",
                                   f"the config implies {tuple(expected[name])}")
         if tied and name == "output.weight":
             continue   # some tied checkpoints store a copy of the embedding; the tie wins
+        if isinstance(tensor, Int4Weight):
+            four_bit[name] = tensor
+            continue
         # Converted one tensor at a time so the peak is one full copy plus one tensor.
         state[name] = tensor.to(device=device, dtype=dtype).contiguous()
-    missing = set(expected) - set(state) - ({"output.weight"} if tied else set())
+    missing = set(expected) - set(state) - set(four_bit) - ({"output.weight"} if tied else set())
     if missing:
         raise CheckpointError(f"{ckpt.path}: missing tensors {sorted(missing)[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.output.weight = model.tok_embeddings.weight   # assign=True replaced the tied Parameter
-    model.to(device)   # the non-persistent RoPE tables (kept float32 for precision)
-    return model.requires_grad_(False).eval()
+    return model.requires_grad_(False).eval(), four_bit

@@ -2,6 +2,10 @@
 
 GGUF stores attn_q/attn_k rows for interleaved RoPE; they are permuted to the half-split
 layout. Without an `output.weight` the output head is tied to the token embedding.
+
+With `keep_4bit`, the layers' Q4_0/Q4_1 matrices come out as their own 4-bit codes, scales and
+minimums (`Int4Weight`, exactly the values the file stores) for the int4 kernel to serve as they
+are (the GGUF weight mode); every other tensor is dequantized as usual.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, UnsupportedModelError
+from ..packed_linear import INT4_GROUP, Int4Weight
 from ..rope import permute_for_half_split
 from . import Checkpoint, CheckpointError
 
@@ -51,7 +56,23 @@ def read_metadata(reader) -> dict[str, Any]:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
+def int4_codes(data: np.ndarray, shape: tuple[int, int], type_name: str) -> Int4Weight:
+    """A Q4_0 or Q4_1 matrix's blocks → Int4Weight. A block of 32 weights is an fp16 scale d
+    (Q4_1: then an fp16 minimum m) and 16 bytes of codes q, elements 0–15 in the low nibbles,
+    16–31 in the high ones; the weight is d·q + m (Q4_0: d·(q − 8))."""
+    n, k = shape
+    head = 4 if type_name == "Q4_1" else 2
+    blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // INT4_GROUP, head + INT4_GROUP // 2)
+    scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    mins = (blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if head == 4
+            else -8 * scales)
+    nibbles = blocks[..., head:]
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k)
+    return Int4Weight(torch.from_numpy(codes.astype(np.int32)), torch.from_numpy(scales),
+                      torch.from_numpy(mins))
+
+
+def read_checkpoint(path: Path, keep_4bit: bool = False) -> Checkpoint:
     from gguf.quants import dequantize  # noqa: PLC0415
 
     reader = open_reader(path)
@@ -69,24 +90,30 @@ def read_checkpoint(path: Path) -> Checkpoint:
     except KeyError as e:
         raise CheckpointError(f"{path}: GGUF metadata lacks {e}") from e
 
+    def permuted(name: str, w):
+        if name.endswith("attention.wq.weight"):
+            return permute_for_half_split(w, config.n_heads)
+        if name.endswith("attention.wk.weight"):
+            return permute_for_half_split(w, config.n_kv_heads)
+        return w
+
     def tensors():
         for t in reader.tensors:
             name = gguf_to_ours(t.name)
+            # GGUF lists dims innermost first; numpy/torch want them outermost first.
+            shape = tuple(int(d) for d in reversed(t.shape))
+            if keep_4bit and name.startswith("layers.") and t.tensor_type.name in ("Q4_0", "Q4_1"):
+                q = int4_codes(t.data, shape, t.tensor_type.name)
+                yield name, Int4Weight(*(permuted(name, x) for x in (q.codes, q.scales, q.mins)))
+                continue
             try:
                 values = dequantize(t.data, t.tensor_type)
             except (NotImplementedError, ValueError) as e:
                 raise UnsupportedModelError(f"{path}: cannot dequantize {t.name} "
                                             f"({t.tensor_type.name}): {e}") from e
-            # GGUF lists dims innermost first; numpy/torch want them outermost first.
-            shape = tuple(int(d) for d in reversed(t.shape))
             values = np.asarray(values, dtype=np.float32).reshape(shape)
             if not values.flags.writeable:   # F32 tensors come back as views of the read-only mmap
                 values = values.copy()
-            w = torch.from_numpy(values)
-            if name.endswith("attention.wq.weight"):
-                w = permute_for_half_split(w, config.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                w = permute_for_half_split(w, config.n_kv_heads)
-            yield name, w
+            yield name, permuted(name, torch.from_numpy(values))
 
     return Checkpoint("gguf", path, path.name.removesuffix(".gguf"), config, tensors, meta)
