@@ -207,7 +207,10 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.attention.pack(packer(f"layers.{i}.attention"))
             layer.feed_forward.pack(packer(f"layers.{i}.feed_forward"))
-        self.output = pack_linear([quantized.get("output.weight") or self.output.weight], mode)
+        # A 4-bit output head costs most of int4's accuracy (on the default model, top-1 agreement
+        # with fp32 0.83 with it against 0.97 with an int8 head): it stays int8.
+        head_mode = "int8" if mode == "int4" else mode
+        self.output = pack_linear([quantized.get("output.weight") or self.output.weight], head_mode)
         # What stays dense (embedding, norms) may be views of the checkpoint's memory map, which
         # would keep every page the packing read resident: own copies let the map go.
         for p in self.parameters():

@@ -360,8 +360,8 @@ def test_generate_cli_json_with_and_without_adapter(tiny_model_dir, tmp_path, ca
     weights = random_adapter(loaded.model, 11)
     path = tmp_path / "a.safetensors"
     save_adapter(path, weights, metadata_for(weights, loaded.model, "uploaded", fingerprint=loaded.fingerprint))
-    base_args = ["generate", "--model", str(tiny_model_dir), "--prompt", "Hello fox", "--max-new-tokens", "6",
-                 "--temperature", "0", "--json"]
+    base_args = ["generate", "--model", str(tiny_model_dir), "--weights", "fp32", "--prompt", "Hello fox",
+                 "--max-new-tokens", "6", "--temperature", "0", "--json"]
     outputs = []
     for adapter in (None, weights):
         assert main(base_args + (["--adapter", str(path)] if adapter else [])) == 0
