@@ -5,7 +5,7 @@ model; (c) transformers + PEFT adaption_prompt, one batch per adapter (`set_adap
 batching PEFT allows); (d) transformers, all N requests as one homogeneous base-model batch;
 (e) batch-1 decode (engine, transformers, and llama.cpp on the model's GGUF with the same threads
 when `llama-cpp-python` is installed; it is not in the dev extras: PyPI has no wheel of it, and its
-source build is long); (f) rooflines from a copy bandwidth and a matmul
+source build took 45 minutes on the 2-core sandbox); (f) rooflines from a copy bandwidth and a matmul
 rate measured in this run; (g) time to first token under the load of (a); (h) the requests of
 (b), each constrained by a JSON schema (structured output: a grammar mask per row per step);
 (i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
