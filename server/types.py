@@ -8,7 +8,7 @@ The engine API itself (`Engine`, `RequestHandle`) lives in `server/engine.py`:
         # EngineOverloadedError, InvalidRequestError, EngineClosedError
     async for event in handle: ...          # TokenEvent per generated token
     result = await handle.result()          # GenerationResult (raises EngineError on a crash)
-    handle.cancel()                         # finish_reason "cancelled", slot freed within one step
+    handle.cancel()                         # finish_reason "cancelled", blocks freed within one step
     engine.add_completion_callback(fn)      # fn(result) for every finished request (metrics)
     engine.shutdown(graceful=True)
 """
@@ -56,6 +56,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False            # when True the tokenizer's stop ids do not end generation
     top_logprobs: int = 0               # alternatives reported per generated token
+    prompt_logprobs: int | None = None  # None = off; N ≥ 0: each prompt token's logprob + top-N
+                                        # alternatives (with it, max_new_tokens may be 0)
 
     # Logits divided by a smaller temperature overflow float32 (softmax → NaN); the distribution
     # is one-hot long before that, so these count as greedy (vLLM draws the same line).
@@ -67,8 +69,12 @@ class SamplingParams:
         def bad(name: str, message: str):
             raise InvalidRequestError(name, message)
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            bad("max_new_tokens", f"must be an integer ≥ 1, got {self.max_new_tokens!r}")
+        if self.prompt_logprobs is not None and (
+                not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= self.MAX_TOP_LOGPROBS):
+            bad("prompt_logprobs", f"must be null or an integer in [0, {self.MAX_TOP_LOGPROBS}]")
+        least = 0 if self.prompt_logprobs is not None else 1     # 0: prompt logprobs only
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < least:
+            bad("max_new_tokens", f"must be an integer ≥ {least}, got {self.max_new_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
             bad("temperature", f"must be ≥ 0 (0 = greedy), got {self.temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
@@ -129,6 +135,9 @@ class GenerationResult:
     ttft_s: float                       # submit → first token
     latency_s: float                    # submit → finish
     stop_sequence: str | None = None    # the stop string that ended it, if any
+    # With SamplingParams.prompt_logprobs: per prompt token (logprob, top alternatives); the
+    # first token has no context: (None, []).
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
 
 
 CompletionCallback = Callable[[GenerationResult], None]
@@ -136,33 +145,52 @@ CompletionCallback = Callable[[GenerationResult], None]
 
 @dataclass
 class EngineConfig:
-    max_batch: int = 32                 # concurrent sequences = KV-cache slots
+    max_batch: int = 64                 # running sequences = rows per decode step
     max_seq_len: int = 2048             # prompt + generated tokens per sequence
     max_tokens_per_step: int = 512      # prompt tokens + decode tokens in one forward (chunked prefill)
     max_queue: int = 256                # waiting requests beyond the running batch
+    # KV-cache size: bytes (int ≥ 1), or a fraction in (0, 1) of the free device memory (CUDA).
+    # None: on CPU what 8 sequences of max_seq_len need (reserved, resident only once used);
+    # on CUDA 0.8 of the free memory.
+    kv_cache_memory: int | float | None = None
+    block_size: int = 16                # tokens per KV-cache block
+    prefix_caching: bool = True         # reuse full prompt blocks across requests (same base/adapter version)
     device: str | None = None           # None = the loaded model's device; must match it if given
     dtype: str | None = None            # "float32" | "bfloat16" | "float16"; None = the model's
     compile: bool = False               # torch.compile the decode forward: for CUDA (on CPU, inductor
                                         # ran the default model's decode ~2× slower than eager)
+    cuda_graphs: bool = True            # CUDA: replay the decode step as CUDA graphs (no effect on CPU)
+
+    DEFAULT_CPU_SEQUENCES = 8           # the old slot cache's default size, in max_seq_len sequences
+    DEFAULT_CUDA_FRACTION = 0.8
 
     def validate(self) -> None:
-        for name in ("max_batch", "max_seq_len", "max_tokens_per_step", "max_queue"):
+        for name in ("max_batch", "max_seq_len", "max_tokens_per_step", "max_queue", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine config {name} must be ≥ 1")
         if self.max_tokens_per_step < self.max_batch:
             raise ValueError("engine config max_tokens_per_step must be ≥ max_batch "
                              "(every running sequence decodes one token per step)")
+        m = self.kv_cache_memory
+        if m is not None and not (isinstance(m, int) and m >= 1 or isinstance(m, float) and 0 < m < 1):
+            raise ValueError(f"engine config kv_cache_memory must be bytes ≥ 1 or a fraction in (0, 1), got {m!r}")
 
 
 @dataclass
 class EngineStats:
     running: int
     waiting: int
-    kv_slots_used: int
-    kv_slots_total: int
+    kv_blocks_used: int                 # blocks held by running sequences
+    kv_blocks_total: int
+    kv_blocks_cached: int               # idle blocks kept for prefix hits (free to reuse)
+    kv_block_size: int
     kv_cache_bytes: int
     tokens_generated_total: int
-    prompt_tokens_total: int
+    prompt_tokens_total: int            # prompt tokens computed (prefix-cache hits excluded)
     requests_finished_total: int
     requests_cancelled_total: int
     steps_total: int
+    preemptions_total: int = 0
+    # Per adapter name (None = base model): prompt tokens admitted / of them served by the prefix cache.
+    prefix_cache_queries: dict[str | None, int] = field(default_factory=dict)
+    prefix_cache_hits: dict[str | None, int] = field(default_factory=dict)
