@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -110,25 +111,27 @@ def resolve_max_new_tokens(ctx: ServerContext, requested: int | None, prompt_len
     return max(1, min(ctx.settings.default_max_new_tokens, ctx.max_seq_len - prompt_len))
 
 
-async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | None:
-    """'name' or 'name@N' → the exact 'name@N' to serve (None = base model), or a 404.
+async def acquire_adapter(ctx: ServerContext, requested: str | None):
+    """'name' or 'name@N' → a lease on the exact version to serve (None = base model), or a 404.
 
     Pinning the version here means everything said about the request (metrics label,
     system_fingerprint) names the version that actually serves it, even if an upload lands
-    between this call and the engine's. A version not yet on the device is loaded here, in a
-    worker thread, so reading its file and computing its K/V never stalls the event loop."""
+    before the engine runs it. The lease is taken in a worker thread: loading a version not yet
+    on the device (reading its file, computing its K/V) never stalls the event loop."""
     if requested is None:
         return None
     if ctx.registry is None:
         raise ApiError(404, f"adapter {requested!r} not found: this server has no adapter store",
                        "not_found", "adapter")
     try:
-        info = ctx.registry.resolve(requested)
-        if not ctx.registry.is_resident(info.name, info.version):
-            await run_in_threadpool(lambda: ctx.registry.acquire(info.ref).release())
+        return await run_in_threadpool(ctx.registry.acquire, requested)
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings) from None
-    return info.ref
+
+
+# The lease start_counted acquired, handed to the first submit() of the call it builds (routes
+# build their calls without knowing about leases); whatever is left is released afterwards.
+_pending_lease: ContextVar[list | None] = ContextVar("pending_lease", default=None)
 
 
 def request_label(requested: str | None) -> str:
@@ -139,10 +142,12 @@ def request_label(requested: str | None) -> str:
 
 def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, adapter_ref: str | None,
            validation_status: int = 422, field_names: dict[str, str] | None = None):
-    """Validate and enqueue; raise ApiError for anything the caller did wrong or overload."""
+    """Validate and enqueue (the engine validates); raise ApiError for anything the caller did
+    wrong or overload. The adapter lease start_counted holds, if any, goes to the engine."""
+    pending = _pending_lease.get()
+    lease = pending.pop() if pending else None
     try:
-        params.validate()
-        return ctx.engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter_ref))
+        return ctx.engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter_ref), lease=lease)
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, InvalidRequestError,
             EngineOverloadedError, EngineClosedError, EngineError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings, validation_status, field_names) from None
@@ -212,14 +217,23 @@ async def start_counted(ctx: ServerContext, endpoint: str, requested: str | None
     A refusal (unknown adapter, bad parameter, overload) is counted in the metrics and re-raised.
     """
     label = request_label(requested)
+    pending: list = []
+    token = _pending_lease.set(pending)
     try:
-        adapter_ref = await resolve_adapter(ctx, requested)
+        lease = await acquire_adapter(ctx, requested)
+        adapter_ref = lease.ref if lease is not None else None
+        if lease is not None:
+            pending.append(lease)
         label = adapter_label(adapter_ref)
         call = make_call(adapter_ref)
         return call, call.submit(), label
     except ApiError as e:
         ctx.metrics.observe_request(endpoint, e.status, label)
         raise
+    finally:
+        _pending_lease.reset(token)
+        for lease in pending:       # the call failed before submitting: nobody took it
+            lease.release()
 
 
 async def counted_answer(request: Request, ctx: ServerContext, endpoint: str, label: str, handle,
