@@ -230,7 +230,10 @@ class Engine:
             loop = None
         prompt = list(request.prompt_ids)
         seq = Sequence(prompt, len(prompt))
-        handle = RequestHandle(request, lambda: self._request_cancel(seq), loop)
+        # A weak reference: the handle must not keep its finished sequence (and so itself,
+        # through seq.payload.handle) alive in a cycle only the garbage collector can break.
+        seq_ref = weakref.ref(seq)
+        handle = RequestHandle(request, lambda: (s := seq_ref()) is not None and self._request_cancel(s), loop)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         user_stop_ids = frozenset(params.stop_token_ids)
         seq.payload = RequestState(

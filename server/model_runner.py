@@ -59,7 +59,7 @@ class ModelRunner:
         self._host_tokens = torch.zeros(rows, dtype=torch.long, pin_memory=on_cuda)
         self._host_positions = torch.zeros(rows, dtype=torch.long, pin_memory=on_cuda)
         self._host_tables = torch.zeros(rows, self.table_width, dtype=torch.long, pin_memory=on_cuda)
-        self.graphs = _DecodeGraphs(self) if cuda_graphs and on_cuda else None
+        self.graphs = _DecodeGraphs(self.table_width * block_size) if cuda_graphs and on_cuda else None
 
     # ---- decode ---------------------------------------------------------------------------
     def decode(self, rows: list[Sequence], adapters: list[AdapterKV | None]) -> torch.Tensor:
@@ -77,7 +77,7 @@ class ModelRunner:
         self.cache.prepare(max(max(s.block_table) for s in rows))
         batch = self._decode_adapters(adapters)
         if self.graphs is not None:
-            logits = self.graphs.run(b, read_len, batch)
+            logits = self.graphs.run(self, b, read_len, batch)
             if logits is not None:
                 return logits
         dev = self.device
@@ -148,16 +148,14 @@ class _DecodeGraphs:
     bucket. Every row gets adapter inputs in every layer (zero gates for base rows and
     unadapted layers), so one graph serves any mix of adapters up to its adapter length."""
 
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
+    def __init__(self, max_context: int):
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
-        bs = runner.block_size
-        self.context_sizes = tuple(sorted({min(runner.table_width * bs, 1 << k) for k in range(6, 20)}))
+        self.context_sizes = tuple(sorted({min(max_context, 1 << k) for k in range(6, 20)}))
         self.adapter_sizes = (0, 8, 16, 32, 64, 128)
         self.stream = torch.cuda.Stream()
 
-    def run(self, b: int, read_len: int, batch: AdapterBatch | None) -> torch.Tensor | None:
+    def run(self, r: ModelRunner, b: int, read_len: int, batch: AdapterBatch | None) -> torch.Tensor | None:
         """Replay the bucket's graph → logits [b, V], or None when no bucket fits."""
         rows = _bucket(b, GRAPH_BATCH_SIZES)
         context = _bucket(read_len, self.context_sizes)
@@ -167,9 +165,8 @@ class _DecodeGraphs:
             return None
         key = (rows, context, k_bucket)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(rows, context, k_bucket)
+            self.graphs[key] = self._capture(r, rows, context, k_bucket)
         graph, static, out = self.graphs[key]
-        r = self.runner
         width = context // r.block_size
         static["tokens"][:b, 0].copy_(r._host_tokens[:b], non_blocking=True)
         static["positions"][:b, 0].copy_(r._host_positions[:b], non_blocking=True)
@@ -180,8 +177,7 @@ class _DecodeGraphs:
         graph.replay()
         return out[:b]
 
-    def _capture(self, rows: int, context: int, k_len: int):
-        r = self.runner
+    def _capture(self, r: ModelRunner, rows: int, context: int, k_len: int):
         dev, cfg = r.device, r.model.config
         width = context // r.block_size
         static = {"tokens": torch.zeros(rows, 1, dtype=torch.long, device=dev),

@@ -13,7 +13,10 @@ The scheduler owns the cache's blocks (`BlockPool`) and decides, each step, who 
 Prefix caching: a full block's content is named by a hash chained over every token before it
 and rooted in the sequence's `prefix_root` (the base model, or one exact adapter version:
 beyond the first adapted layer the adapter shapes the K/V). A cached block whose last user
-finished stays in the cache, least recently used first out, until its block is needed.
+finished stays in the cache, least recently used first out, until its block is needed. A
+waiting sequence whose next prompt block is being computed right now by a running sequence
+with the same chain waits for it instead of computing it again (bursts sharing a system
+prompt, `n > 1` fan-out), while the sequences behind it are admitted.
 """
 
 from __future__ import annotations
@@ -151,6 +154,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []        # admission order: the last is the newest
         self.preemptions_total = 0
+        self.blocks_used_peak = 0
+        # Hashes of full prompt blocks a running sequence is computing now → that sequence.
+        self._in_flight: dict[bytes, Sequence] = {}
 
     @property
     def capacity_tokens(self) -> int:
@@ -177,6 +183,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         decode, preempted = self._grow_decoders()
         admitted = self._admit() if not preempted else []
+        self.blocks_used_peak = max(self.blocks_used_peak, self.blocks_used)
         return StepPlan(decode, self._plan_prefill(len(decode)), preempted, admitted)
 
     def _grow_decoders(self) -> tuple[list[Sequence], list[Sequence]]:
@@ -208,6 +215,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _free_blocks(self, seq: Sequence) -> None:
+        for h in seq.block_hashes:
+            if self._in_flight.get(h) is seq:
+                del self._in_flight[h]
         # Tail blocks first, so the LRU evicts a prompt's end before its shared beginning.
         for block in reversed(seq.block_table):
             self.blocks.release(block)
@@ -218,25 +228,38 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         bs = self.block_size
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_batch:
+                break
             target = len(seq.token_ids)
             hits = self._prefix_hits(seq, target)
+            if self._next_block_in_flight(seq, target, len(hits)):
+                continue
             idle_hits = sum(self.blocks.is_idle(b) for b in hits)
-            needed = -(-target // bs) - len(hits) + idle_hits
+            n_blocks = -(-target // bs)
+            needed = n_blocks - len(hits) + idle_hits
             reserve = self.watermark if self.running else 0
             if needed > self.blocks.n_free - reserve:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             for b in hits:
                 self.blocks.take(b)
-            seq.block_table = hits + [self.blocks.allocate() for _ in range(-(-target // bs) - len(hits))]
+            seq.block_table = hits + [self.blocks.allocate() for _ in range(n_blocks - len(hits))]
             seq.n_cached = seq.prefix_hit_tokens = len(hits) * bs
             seq.prefill_len = target
             seq.running = True
             self.running.append(seq)
             admitted.append(seq)
+            if self.blocks.prefix_caching:
+                for h in self._chain(seq, target // bs)[len(hits):]:
+                    self._in_flight.setdefault(h, seq)
         return admitted
+
+    def _next_block_in_flight(self, seq: Sequence, target: int, n_hits: int) -> bool:
+        if not (seq.takes_prefix_hits and self.blocks.prefix_caching):
+            return False
+        chain = self._chain(seq, (target - 1) // self.block_size)
+        return n_hits < len(chain) and chain[n_hits] in self._in_flight
 
     def _prefix_hits(self, seq: Sequence, target: int) -> list[int]:
         """Cached blocks for the sequence's leading full blocks (at least one token is left to
@@ -270,6 +293,8 @@ class Scheduler:
         if after > before and self.blocks.prefix_caching:
             for i, h in enumerate(self._chain(seq, after)[before:], before):
                 self.blocks.register(seq.block_table[i], h)
+                if self._in_flight.get(h) is seq:
+                    del self._in_flight[h]
 
     def _plan_prefill(self, n_decode: int) -> list[tuple[Sequence, int]]:
         budget = self.max_tokens_per_step - n_decode

@@ -373,9 +373,14 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
     assert peers["peft_per_adapter_batches_tok_s"] > 0 and peers["homogeneous_batch_tok_s"] > 0
     assert report["roofline"]["compute_tok_s"] > 0 and report["machine"]["copy_gb_s"] > 0
     assert set(report["ratios"]) == {"a_over_b", "a_over_c", "a_over_d", "a_over_compute_roofline",
-                                     "e_over_bandwidth_roofline", "e_over_transformers_batch1"}
+                                     "e_over_bandwidth_roofline", "e_over_transformers_batch1",
+                                     "i_prefix_cache_ttft_speedup"}
+    assert [row["requests"] for row in report["concurrency"]] == [2, 4]
+    assert all(row["tok_s"] > 0 and 0 < row["kv_used_peak_bytes"] <= row["kv_reserved_bytes"]
+               for row in report["concurrency"])
+    assert report["prefix_cache"]["ttft_p50_s"] > 0
     table = format_table(report)
-    assert all(f"({row})" in table for row in "abcdefg")
+    assert all(f"({row})" in table for row in "abcdefghi")
 
 
 def test_generate_cli_json_with_and_without_adapter(tiny_model_dir, tmp_path, capsys):
