@@ -299,7 +299,7 @@ def test_async_streaming_generate_and_shutdown(loaded):
 
 def test_scheduler_budget_chunks_and_admission_by_blocks():
     sched = Scheduler(max_batch=3, max_tokens_per_step=10, max_queue=2, n_blocks=16, block_size=4)
-    seqs = [Sequence(list(range(n)), n) for n in (4, 25, 3, 2)]
+    seqs = [Sequence(list(range(100 * k, 100 * k + n)), n) for k, n in enumerate((4, 25, 3, 2))]
     sched.add(seqs[0])
     sched.add(seqs[1])
     with pytest.raises(EngineOverloadedError):
@@ -327,7 +327,7 @@ def test_scheduler_budget_chunks_and_admission_by_blocks():
     assert sched.schedule().admitted == [seqs[3]]
     # A short leftover does not shrink the other rows' chunks to its size.
     sched = Scheduler(max_batch=3, max_tokens_per_step=100, max_queue=3, n_blocks=64, block_size=16)
-    rows = [Sequence(list(range(n)), n) for n in (50, 40, 40)]
+    rows = [Sequence(list(range(100 * k, 100 * k + n)), n) for k, n in enumerate((50, 40, 40))]
     for seq in rows:
         sched.add(seq)
     sched.schedule()

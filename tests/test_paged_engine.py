@@ -213,3 +213,16 @@ def test_thousands_of_random_requests_return_every_block(loaded, registry, tmp_p
     assert engine.scheduler.blocks.all_free() and stats.kv_blocks_used == 0
     assert stats.running == 0 and stats.waiting == 0 and registry.stats().pinned_count == 0
     assert rss[1] - rss[0] < 2 << 20           # flat: under 1 KiB per request
+
+
+def test_a_burst_sharing_a_prompt_waits_for_its_blocks_instead_of_recomputing_them(loaded):
+    engine = Engine(loaded, None, EngineConfig(max_batch=8, max_tokens_per_step=64, max_seq_len=128))
+    prompt = prompt_of(loaded, 40, 13)         # two full blocks
+    requests = [GenerationRequest(prompt + [5 + i], greedy(3)) for i in range(4)]
+    handles = [engine.submit(r) for r in requests]
+    engine.step()
+    assert engine.stats().running == 1        # the others wait for the first one's blocks
+    results = run_until_done(engine, handles)
+    stats = engine.stats()
+    assert stats.prefix_cache_hits[None] == 3 * 32 and stats.prompt_tokens_total == 41 + 3 * 9
+    assert_matches_reference(loaded.model, requests, results, {})
