@@ -13,6 +13,7 @@ masked, instead of asking the device for the longest position).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from model.adapter import AdapterBatch, AdapterKV, LayerAdapterInputs
 from model.kv_cache import PagedKVCache
 
 from .scheduler import Sequence
+
+log = logging.getLogger(__name__)
 
 # Decode batches are padded up to one of these row counts when CUDA graphs are on.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -77,7 +80,12 @@ class ModelRunner:
         self.cache.prepare(max(max(s.block_table) for s in rows))
         batch = self._decode_adapters(adapters)
         if self.graphs is not None:
-            logits = self.graphs.run(self, b, read_len, batch)
+            try:
+                logits = self.graphs.run(self, b, read_len, batch)
+            except Exception:       # a capture this build cannot do: eager from now on
+                log.exception("CUDA graph capture/replay failed; decoding eagerly from now on")
+                self.graphs = None
+                logits = None
             if logits is not None:
                 return logits
         dev = self.device

@@ -226,3 +226,15 @@ def test_a_burst_sharing_a_prompt_waits_for_its_blocks_instead_of_recomputing_th
     stats = engine.stats()
     assert stats.prefix_cache_hits[None] == 3 * 32 and stats.prompt_tokens_total == 41 + 3 * 9
     assert_matches_reference(loaded.model, requests, results, {})
+
+
+def test_kv_cache_memory_flag_takes_bytes_with_units_or_a_fraction():
+    import argparse
+
+    from server.serve import memory_size
+
+    assert memory_size("2GiB") == 2 << 30 and memory_size("512MB") == 512 * 10**6
+    assert memory_size("1.5gib") == 3 << 29 and memory_size("4096") == 4096 and memory_size("0.8") == 0.8
+    for bad in ("lots", "2XB", "0", "-1GiB"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            memory_size(bad)
