@@ -1,7 +1,7 @@
 """LLaMA decoder (RMSNorm, RoPE, GQA, SwiGLU) with the LLaMA-Adapter branch in attention.
 
-The model knows nothing of requests: it takes token ids, their positions, optional cache slots
-and optional per-sequence adapter inputs. Parameter names follow Meta's checkpoints.
+The model knows nothing of requests: it takes token ids, their positions, optional paged-cache
+block tables and optional per-sequence adapter inputs. Parameter names follow Meta's checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from .adapter import AdapterBatch, adapter_attention
 from .batch_adapters import BatchAdapters, LayerAdapters
 from .config import ModelConfig
-from .kv_cache import KVCache, as_slice
+from .kv_cache import PagedKVCache, slots_for
 from .packed_linear import Int4Weight, PackedLinear, pack_linear, packing_available
 from .rope import apply_rope, rope_table
 
@@ -79,8 +79,7 @@ class Attention(nn.Module):
             keys, values = prefix.prepend(self.layer_idx, k, v)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=True)
         else:
-            keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.slots, ctx.positions, k, v,
-                                                    ctx.read_len)
+            keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.write_slots, k, v, ctx.read_slots)
             if prefix is not None:
                 keys, values = prefix.prepend(self.layer_idx, keys, values)
             # Query heads that share a KV head are folded into the query axis (ctx.mask repeats
@@ -133,19 +132,22 @@ class TransformerBlock(nn.Module):
 class _StepContext:
     """Per-forward cache addressing shared by all layers (computed once, not per layer)."""
 
-    def __init__(self, cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor,
-                 heads_per_kv: int, adapters: BatchAdapters | None, dtype: torch.dtype):
+    def __init__(self, cache: PagedKVCache | None, block_tables: torch.Tensor | None,
+                 positions: torch.Tensor, heads_per_kv: int, read_len: int | None,
+                 adapters: BatchAdapters | None, dtype: torch.dtype):
         self.cache = cache
-        self.positions = positions
-        self.slots: torch.Tensor | slice | None = None
-        self.mask = None
-        self.read_len = 0
+        self.write_slots = self.read_slots = self.mask = None
         if cache is not None:
-            if slots is None:
-                raise ValueError("a KV cache needs the slot of every sequence")
-            self.slots = as_slice(slots)
-            self.read_len = int(positions.max()) + 1
-            key_pos = torch.arange(self.read_len, device=positions.device)
+            if block_tables is None:
+                raise ValueError("a KV cache needs the block table of every sequence")
+            bs = cache.block_size
+            self.write_slots = slots_for(block_tables, positions, bs).reshape(-1)
+            # Each row reads its slots 0..read_len-1 (beyond its table: the scratch block, masked).
+            # A fixed read_len keeps the step free of host synchronisation (CUDA graphs).
+            if read_len is None:
+                read_len = int(positions.max()) + 1
+            key_pos = torch.arange(read_len, device=positions.device)
+            self.read_slots = slots_for(block_tables, key_pos.expand(positions.shape[0], -1), bs)
             visible = key_pos[None, None, None, :] <= positions[:, None, :, None]     # [B,1,T,L]
             # Additive (SDPA's CPU kernel runs faster on it than on a bool mask), repeated for
             # the query heads folded onto each KV head: [B, 1, heads_per_kv·T, L].
@@ -218,24 +220,31 @@ class Transformer(nn.Module):
         return True
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                cache: PagedKVCache | None = None, block_tables: torch.Tensor | None = None,
                 adapters: AdapterBatch | BatchAdapters | None = None,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, read_len: int | None = None) -> torch.Tensor:
         """tokens/positions [B, T] → logits [B, T, V], or [B, V] at `logits_index` [B] if given.
 
-        With a cache, each row's new k/v are stored at (slots[b], positions[b, t]) and the
-        row attends to its slot's positions ≤ its own. Padding rows/tokens are allowed if their
-        positions stay inside the cache; their outputs are meaningless and must be ignored.
+        With a cache, each row's new k/v are stored at its positions through its block table
+        (block_tables [B, nb], wide enough for every position; entries past a row's own blocks
+        name the cache's scratch block) and the row attends to its positions ≤ its own. Padding
+        rows/tokens are allowed if their positions stay inside the table; their outputs are
+        meaningless and must be ignored.
         """
-        x = self.run_layers(self.tok_embeddings(tokens), positions, cache, slots, adapters)
+        x = self.run_layers(self.tok_embeddings(tokens), positions, cache, block_tables, adapters,
+                            read_len=read_len)
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_index]
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., dim] → float32 logits [..., V]."""
         return self.output(self.norm(x)).float()
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                   cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                   cache: PagedKVCache | None = None, block_tables: torch.Tensor | None = None,
                    adapters: AdapterBatch | BatchAdapters | None = None,
-                   layers: range | None = None) -> torch.Tensor:
+                   layers: range | None = None, read_len: int | None = None) -> torch.Tensor:
         """Hidden states x [B, T, dim] through `layers` (default: all) → [B, T, dim], before the
         final norm. Training runs sub-ranges: the frozen layers below the first adapted one once
         per example, without autograd, and the output head only at target positions."""
@@ -244,8 +253,8 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=x.device).expand(b, t)
         adapters = BatchAdapters.of(adapters)
         dtype = self.tok_embeddings.weight.dtype
-        ctx = _StepContext(cache, slots, positions, self.config.n_heads // self.config.n_kv_heads,
-                           adapters, dtype)
+        ctx = _StepContext(cache, block_tables, positions,
+                           self.config.n_heads // self.config.n_kv_heads, read_len, adapters, dtype)
         shift = adapters.position_offsets if adapters is not None else None
         # A shifted row's padding positions may run past the table (real ones never do: the engine
         # refuses requests whose prefix + length exceed it); padding outputs are discarded.

@@ -9,7 +9,9 @@ source build took 45 minutes on the 2-core sandbox); (f) rooflines from a copy b
 rate measured in this run; (g) time to first token under the load of (a); (h) the requests of
 (b), each constrained by a JSON schema (structured output: a grammar mask per row per step);
 (i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
-(server/bench_kinds.py).
+(server/bench_kinds.py); (m) concurrency: 16, 32, 64 and 128 requests over 32 adapters with
+`serve`'s default engine settings (tok/s, TTFT, KV-cache memory actually used); (n) a shared
+~400-token system prompt over 32 requests: TTFT with the prefix cache against without.
 
 Throughput (a)–(d) = generated tokens ÷ wall time from the first submission to the last token
 (prefill included), every request forced to exactly `--new-tokens` (EOS ignored, greedy).
@@ -50,10 +52,16 @@ class BenchSizes:
     peft_batches: int = 2        # adapter batches PEFT runs (each is the same work; the rate is per batch)
     copy_mib: int = 256
     matmul_n: int = 2048
+    concurrency: tuple[int, ...] = (16, 32, 64, 128)
+    concurrency_adapters: int = 32
+    concurrency_new_tokens: int = 64
+    system_prompt_tokens: int = 400
+    system_prompt_requests: int = 32
 
 
 QUICK = BenchSizes(requests=4, adapters=2, new_tokens=8, adapter_len=4, adapter_layers=2, peft_batches=2,
-                   copy_mib=16, matmul_n=256)
+                   copy_mib=16, matmul_n=256, concurrency=(2, 4), concurrency_adapters=2,
+                   concurrency_new_tokens=4, system_prompt_tokens=40, system_prompt_requests=4)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,7 +112,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
     from adapters.format import metadata_for  # noqa: PLC0415
-    from adapters.importers import adapter_file_bytes, export_peft  # noqa: PLC0415
+    from adapters.importers import export_peft  # noqa: PLC0415
     from adapters.registry import AdapterRegistry  # noqa: PLC0415
     from adapters.store import AdapterStore  # noqa: PLC0415
 
@@ -124,11 +132,8 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
                  "machine": machine, "roofline": roof}
     with tempfile.TemporaryDirectory(prefix="adapter-server-bench-") as tmp:
         registry = AdapterRegistry(AdapterStore(Path(tmp) / "store"), model, loaded.fingerprint)
-        refs = []
-        for i, w in enumerate(adapters):
-            meta = metadata_for(w, model, "uploaded", fingerprint=loaded.fingerprint)
-            refs.append(registry.upload(f"bench{i}", adapter_file_bytes(w, meta)).ref)
-        per_request = [refs[i % len(refs)] for i in range(sizes.requests)]
+        refs = upload_adapters(loaded, registry, adapters)
+        per_request = [refs[i % sizes.adapters] for i in range(sizes.requests)]
         engine_run(loaded, registry, prompts[:2], per_request[:2], 4)     # warm-up
         runs_a, runs_b = [], []
         for _ in range(repeats):
@@ -136,8 +141,10 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
             runs_b.append(engine_run(loaded, registry, prompts, [None] * sizes.requests, sizes.new_tokens))
         a, b = (max(runs, key=lambda r: r["tok_s"]) for runs in (runs_a, runs_b))
         e = engine_run(loaded, registry, prompts[:1], [None], sizes.new_tokens)
-        h = engine_run(loaded, registry, prompts, [None] * sizes.requests, sizes.new_tokens, BENCH_SCHEMA)
+        h = engine_run(loaded, registry, prompts, [None] * sizes.requests, sizes.new_tokens, schema=BENCH_SCHEMA)
         out["repeats"] = repeats
+        out["concurrency"] = concurrency_runs(loaded, registry, prompts, refs, sizes)
+        out["prefix_cache"] = prefix_cache_runs(loaded, registry, sizes)
         out["engine"] = {"adapters_tok_s": a["tok_s"], "base_tok_s": b["tok_s"],
                          "batch1_decode_tok_s": e["decode_tok_s"],
                          "ttft_p50_s": a["ttft_p50_s"], "ttft_p95_s": a["ttft_p95_s"],
@@ -159,6 +166,18 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
     return out
 
 
+def upload_adapters(loaded, registry, adapters) -> list[str]:
+    """Store AdapterWeights as bench0, bench1, ... → their refs."""
+    from adapters.format import metadata_for  # noqa: PLC0415
+    from adapters.importers import adapter_file_bytes  # noqa: PLC0415
+
+    refs = []
+    for i, w in enumerate(adapters):
+        meta = metadata_for(w, loaded.model, "uploaded", fingerprint=loaded.fingerprint)
+        refs.append(registry.upload(f"bench{i}", adapter_file_bytes(w, meta)).ref)
+    return refs
+
+
 def random_adapters(model, sizes: BenchSizes):
     from model.adapter import AdapterWeights  # noqa: PLC0415
 
@@ -167,7 +186,8 @@ def random_adapters(model, sizes: BenchSizes):
     layers = list(range(cfg.n_layers - n_layers, cfg.n_layers))    # the top layers, as PEFT adapts
     g = torch.Generator().manual_seed(0)
     return [AdapterWeights(layers, torch.randn(n_layers, sizes.adapter_len, cfg.dim, generator=g) * 0.02,
-                           torch.rand(n_layers, 1, generator=g) * 0.2) for _ in range(sizes.adapters)]
+                           torch.rand(n_layers, 1, generator=g) * 0.2)
+            for _ in range(max(sizes.adapters, sizes.concurrency_adapters))]
 
 
 # (h)'s schema: a JSON object whose one string is too long to finish within --new-tokens, so
@@ -176,15 +196,19 @@ BENCH_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "mi
                 "required": ["story"]}
 
 
-def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, schema: dict | None = None) -> dict:
+def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
+               schema: dict | None = None) -> dict:
+    """All requests submitted at once, the engine stepping on this thread until they finish.
+    `config`: an EngineConfig (default: every request in one batch, a cache just big enough);
+    `schema`: a JSON schema constraining every request's output."""
     from .engine import Engine  # noqa: PLC0415
     from .types import EngineConfig, GenerationRequest, Grammar, SamplingParams  # noqa: PLC0415
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True,
                             grammar=Grammar("json", schema) if schema is not None else None)
-    config = EngineConfig(max_batch=len(prompts), max_queue=len(prompts),
-                          max_tokens_per_step=max(512, len(prompts)),
-                          max_seq_len=max(map(len, prompts)) + new_tokens)
+    config = config or EngineConfig(max_batch=len(prompts), max_queue=len(prompts),
+                                    max_tokens_per_step=max(512, len(prompts)),
+                                    max_seq_len=max(map(len, prompts)) + new_tokens)
     engine = Engine(loaded, registry, config)
     try:
         t0 = time.perf_counter()
@@ -196,9 +220,50 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, schema: dict
         engine.shutdown(graceful=False)
     ttfts = sorted(r.ttft_s for r in results)
     decode_s = [r.latency_s - r.ttft_s for r in results]
+    stats = engine.stats()
     return {"tok_s": sum(r.generated_tokens for r in results) / wall,
             "decode_tok_s": (new_tokens - 1) / max(decode_s) if new_tokens > 1 else float("nan"),
-            "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95)}
+            "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
+            "kv_used_peak_bytes": stats.kv_cache_bytes * engine.scheduler.blocks_used_peak // stats.kv_blocks_total,
+            "kv_reserved_bytes": stats.kv_cache_bytes, "preemptions": stats.preemptions_total}
+
+
+def serve_config(loaded, **overrides):
+    """The engine settings `adapter-server serve` uses when given no flags."""
+    from .types import EngineConfig  # noqa: PLC0415
+
+    return EngineConfig(**{"max_batch": 64, "max_queue": 256, "max_tokens_per_step": 512,
+                           "max_seq_len": min(loaded.config.max_seq_len, 4096), **overrides})
+
+
+def concurrency_runs(loaded, registry, prompts, refs, sizes: BenchSizes) -> list[dict]:
+    """(m) N requests over `concurrency_adapters` adapters with serve's default engine."""
+    rows = []
+    for n in sizes.concurrency:
+        run = engine_run(loaded, registry, [prompts[i % len(prompts)] for i in range(n)],
+                         [refs[i % sizes.concurrency_adapters] for i in range(n)],
+                         sizes.concurrency_new_tokens, serve_config(loaded))
+        rows.append({"requests": n, **run})
+    return rows
+
+
+def prefix_cache_runs(loaded, registry, sizes: BenchSizes) -> dict:
+    """(n) One long system prompt shared by every request; TTFT with and without the prefix cache."""
+    tok = loaded.tokenizer
+    sentence = "You are a careful assistant of the lighthouse archive; answer briefly and cite the logbook. "
+    system = sentence
+    while len(tok.encode(system)) < sizes.system_prompt_tokens:
+        system += sentence
+    prompts = [tok.encode_chat([{"role": "system", "content": system},
+                                {"role": "user", "content": f"What happened on night {i}?"}])
+               for i in range(sizes.system_prompt_requests)]
+    new_tokens = min(8, sizes.new_tokens)
+    runs = {cached: engine_run(loaded, registry, prompts, [None] * len(prompts), new_tokens,
+                               serve_config(loaded, prefix_caching=cached))
+            for cached in (True, False)}
+    return {"prompt_tokens": statistics.mean(map(len, prompts)), "requests": len(prompts),
+            "ttft_p50_s": runs[True]["ttft_p50_s"], "no_cache_ttft_p50_s": runs[False]["ttft_p50_s"],
+            "tok_s": runs[True]["tok_s"], "no_cache_tok_s": runs[False]["tok_s"]}
 
 
 def hf_dir_of(path: Path) -> Path | None:
@@ -334,8 +399,10 @@ def percentile(sorted_values, q: float) -> float:
 
 def ratios(r: dict) -> dict:
     e, roof = r["engine"], r["roofline"]
+    p = r["prefix_cache"]
     out = {"a_over_b": e["adapters_tok_s"] / e["base_tok_s"],
            "h_over_b": e["constrained_tok_s"] / e["base_tok_s"],
+           "n_prefix_cache_ttft_speedup": p["no_cache_ttft_p50_s"] / p["ttft_p50_s"],
            "a_over_compute_roofline": e["adapters_tok_s"] / roof["compute_tok_s"],
            "e_over_bandwidth_roofline": e["batch1_decode_tok_s"] / roof["bandwidth_batch1_tok_s"]}
     if "transformers" in r:
@@ -349,7 +416,8 @@ def ratios(r: dict) -> dict:
 
 
 GOALS = {"a_over_c": 10.0, "a_over_d": 1.0, "a_over_b": 0.90, "h_over_b": 0.85, "a_over_compute_roofline": 0.75,
-         "e_over_bandwidth_roofline": 0.8, "e_over_transformers_batch1": 1.0, "e_over_llama_cpp_batch1": 0.75}
+         "e_over_bandwidth_roofline": 0.8, "e_over_transformers_batch1": 1.0, "e_over_llama_cpp_batch1": 0.75,
+         "n_prefix_cache_ttft_speedup": 3.0}
 
 
 def format_table(r: dict) -> str:
@@ -395,6 +463,16 @@ def format_table(r: dict) -> str:
     lines.append(f"{'(h) engine: the requests of (b), each constrained by a JSON schema':70s} "
                  f"{rate(e['constrained_tok_s'])}   {ratio('h_over_b', '(h)/(b)')}")
     lines += format_kinds(r["kinds"], s)
+    lines.append(f"(m) concurrency over {s['concurrency_adapters']} adapters, serve's default engine "
+                 f"({s['concurrency_new_tokens']} new tokens each):")
+    for row in r["concurrency"]:
+        lines.append(f"    {row['requests']:4d} requests: {row['tok_s']:8.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f} s, "
+                     f"p95 {row['ttft_p95_s']:.2f} s, KV used {row['kv_used_peak_bytes'] / 2**20:.0f} MiB "
+                     f"of {row['kv_reserved_bytes'] / 2**20:.0f} MiB, {row['preemptions']} preemptions")
+    pc = r["prefix_cache"]
+    lines.append(f"(n) shared system prompt (≈{pc['prompt_tokens']:.0f} tokens) over {pc['requests']} requests: "
+                 f"TTFT p50 {pc['ttft_p50_s']:.2f} s with the prefix cache, {pc['no_cache_ttft_p50_s']:.2f} s "
+                 f"without; {ratio('n_prefix_cache_ttft_speedup', 'speed-up')}")
     lines.append("throughput = generated tokens ÷ wall time incl. prefill"
                  + (f" (best of {r['repeats']} for a, b, d)" if r["repeats"] > 1 else "")
                  + "; copy bandwidth counts bytes read + written")

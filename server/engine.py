@@ -1,142 +1,80 @@
-"""The batched inference engine: continuous batching, a different adapter per sequence, streaming.
+"""The batched inference engine: continuous batching over a paged KV cache, a different adapter
+per sequence, prefix caching, streaming.
+
+The engine glues three parts, each in its own module:
+
+- `Scheduler` (server/scheduler.py, pure Python): owns the KV-cache blocks, admits waiting
+  requests, preempts when blocks run out, plans each step's decode rows and prompt chunks;
+- `ModelRunner` (server/model_runner.py): the only code that builds tensors; runs the step's
+  decode and prefill forwards over the paged cache;
+- `OutputProcessor` (server/output.py): detokenizing, stop decisions, stream events, results.
 
 A loop repeats `step()` (on the engine's own thread after `start()`, or on the caller's with
-`run_here`, which `serve` uses): admit waiting requests into free KV-cache slots, run one
-decode forward over every sequence that is generating (each row with its own adapter, or none,
-in the same batched call) and one forward over prompt chunks of sequences still in prefill,
-sample every row with its own parameters, and hand the new tokens to each request's stream.
+`run_here`, which `serve` uses): apply cancellations, schedule, run the forwards, sample every
+row with its own parameters (sampling.sample_batch), and hand the new tokens to the streams.
 
 Thread model: `submit`, `cancel`, `stats` may be called from any thread; everything that
-touches tensors runs on the stepping thread.
-Streams are asyncio-friendly: a request submitted from inside an event loop gets its events
-through `loop.call_soon_threadsafe` (one call per loop per step); one submitted outside any
-loop is consumed with the blocking `iter(handle)` / `handle.wait()`.
+touches tensors runs on the stepping thread. Streams are asyncio-friendly: a request
+submitted from inside an event loop gets its events through `loop.call_soon_threadsafe`
+(one call per loop per step); one submitted outside any loop is consumed with the blocking
+`iter(handle)` / `handle.wait()`.
+
+A fault in one row fails that request alone: an adapter whose K/V do not fit the model
+(checked once per adapter version), a sampling error, an error in stop processing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import weakref
+from typing import Callable
 
 import torch
 
-from model.batch_adapters import BatchAdapters, position_shift
-from model.kv_cache import KVCache
+from model.adapter import AdapterKV
+from model.batch_adapters import position_shift
+from model.kv_cache import PagedKVCache
 
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
 from .grammar import GrammarCompiler
+from .model_runner import ModelRunner
+from .output import OutputProcessor, RequestHandle, RequestState
 from .sampling import RowSampler, SampledRow, sample_batch
-from .scheduler import Scheduler, Sequence, StepPlan
+from .scheduler import Scheduler, Sequence, StepPlan, prefix_root
 from .types import (CompletionCallback, EngineClosedError, EngineConfig, EngineError,
                     EngineStats, FinishReason, GenerationRequest, GenerationResult,
-                    InvalidRequestError, TokenEvent)
+                    InvalidRequestError)
 
 log = logging.getLogger(__name__)
 
-_END = object()     # end-of-stream marker in a handle's queue
+__all__ = ["Engine", "RequestHandle", "kv_cache_blocks"]
+
+_BASE_ROOT = prefix_root("base")
 
 
-class RequestHandle:
-    """The caller's side of one request: its token stream, its result, and cancellation."""
-
-    def __init__(self, request: GenerationRequest, engine: "Engine", loop: asyncio.AbstractEventLoop | None):
-        self.request_id = request.request_id
-        self._engine = engine
-        self._loop = loop
-        self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
-        self._future = loop.create_future() if loop else None
-        self._done = threading.Event()
-        self._result: GenerationResult | None = None
-        self._error: BaseException | None = None
-        self._seq: Sequence | None = None
-
-    # -- consumer side ----------------------------------------------------------------------
-    def __aiter__(self):
-        return self._aiter()
-
-    async def _aiter(self):
-        if self._loop is None:
-            raise RuntimeError("this request was submitted outside an event loop: iterate it with `for`")
-        while (item := await self._queue.get()) is not _END:
-            yield item
-        if self._error is not None:
-            raise self._error
-
-    def __iter__(self):
-        if self._loop is not None:
-            raise RuntimeError("this request was submitted inside an event loop: use `async for`")
-        while (item := self._queue.get()) is not _END:
-            yield item
-        if self._error is not None:
-            raise self._error
-
-    async def result(self) -> GenerationResult:
-        if self._future is None:
-            raise RuntimeError("this request was submitted outside an event loop: use wait()")
-        await asyncio.shield(self._future)
-        return self._outcome()
-
-    def wait(self, timeout: float | None = None) -> GenerationResult:
-        """Block until the request finishes (any thread)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} still running after {timeout}s")
-        return self._outcome()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating; the request finishes with finish_reason "cancelled" within one step."""
-        if self._seq is not None and not self._done.is_set():
-            self._engine._request_cancel(self._seq)
-
-    # -- engine side (runs in the consumer's loop, or on the engine thread without a loop) ----
-    def _receive(self, item: Any) -> None:
-        if isinstance(item, TokenEvent):
-            self._queue.put_nowait(item)
-            return
-        if isinstance(item, GenerationResult):
-            self._result = item
-        else:
-            self._error = item
-        self._done.set()
-        self._queue.put_nowait(_END)
-        if self._future is not None and not self._future.done():
-            self._future.set_result(None)
-
-    def _outcome(self) -> GenerationResult:
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-
-@dataclass(eq=False)
-class _Active:
-    """Engine-side state of one request (the payload of its scheduler Sequence)."""
-
-    request: GenerationRequest
-    handle: RequestHandle
-    lease: Any                                  # AdapterLease | None
-    sampler: RowSampler
-    detok: IncrementalDetokenizer
-    stops: StopStringMatcher
-    stop_ids: frozenset[int]                    # ids that finish with "stop"
-    eos_ids: frozenset[int]                     # ids that finish with "eos_token"
-    seed: int
-    t_submit: float
-    t_first: float | None = None
-    text: list[str] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
+def kv_cache_blocks(config: EngineConfig, model_config, dtype: torch.dtype, device: torch.device,
+                    max_seq_len: int) -> int:
+    """How many blocks the configured KV-cache memory holds (see EngineConfig.kv_cache_memory)."""
+    per_block = PagedKVCache.bytes_per_block(model_config, dtype, config.block_size)
+    budget = config.kv_cache_memory
+    if budget is None:
+        if device.type != "cuda":
+            return config.DEFAULT_CPU_SEQUENCES * -(-max_seq_len // config.block_size)
+        budget = config.DEFAULT_CUDA_FRACTION
+    if isinstance(budget, float):
+        if device.type != "cuda":
+            raise ValueError("kv_cache_memory as a fraction of free memory needs CUDA; give bytes (e.g. 2GiB)")
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * budget)
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(f"kv_cache_memory of {budget} bytes holds no KV-cache block "
+                         f"({config.block_size} tokens = {per_block} bytes on this model)")
+    return blocks
 
 
 class Engine:
@@ -159,25 +97,31 @@ class Engine:
         self.n_layers = self.model.config.n_layers
         self.vocab_size = self.model.config.vocab_size
         self.max_seq_len = min(self.config.max_seq_len, self.model.config.max_seq_len)
-        self.cache = KVCache.for_model(self.model, self.config.max_batch, self.max_seq_len)
-        self.scheduler = Scheduler(self.config.max_batch, self.config.max_tokens_per_step,
-                                   self.config.max_queue)
+        cfg = self.config
+        n_blocks = kv_cache_blocks(cfg, self.model.config, self.dtype, self.device, self.max_seq_len)
+        self.runner = ModelRunner(self.model, n_blocks, cfg.block_size, cfg.max_batch, self.max_seq_len,
+                                  cfg.compile, cfg.cuda_graphs)
+        self.scheduler = Scheduler(cfg.max_batch, cfg.max_tokens_per_step, cfg.max_queue, n_blocks,
+                                   cfg.block_size, cfg.prefix_caching)
+        self.output = OutputProcessor(self.tokenizer)
         self.eos_ids = frozenset(self.tokenizer.stop_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
-        self._decode_model = (torch.compile(self.model, dynamic=True) if self.config.compile
-                              else self.model)
+        # AdapterKVs already checked to fit the model, by id (entries vanish with the object).
+        self._checked_adapters: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._cancel_requests: list[Sequence] = []
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._callbacks: list[CompletionCallback] = []
-        self._outbox: dict[asyncio.AbstractEventLoop | None, list[tuple[RequestHandle, Any]]] = {}
-        self._adapter_key: tuple = ()
-        self._adapter_batch: BatchAdapters | None = None
         self._counters = dict(tokens_generated_total=0, prompt_tokens_total=0,
                               requests_finished_total=0, requests_cancelled_total=0, steps_total=0)
+        self._prefix_queries: dict[str | None, int] = {}
+        self._prefix_hits: dict[str | None, int] = {}
+
+    @property
+    def cache(self) -> PagedKVCache:
+        return self.runner.cache
 
     # ---- public API -----------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -218,61 +162,39 @@ class Engine:
 
     def add_completion_callback(self, fn: CompletionCallback) -> None:
         """fn(result) is called on the engine thread for every finished request; keep it quick."""
-        self._callbacks.append(fn)
+        self.output.callbacks.append(fn)
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        self._validate(request)
-        if not self._accepting:
-            raise EngineClosedError("engine is shutting down")
-        params = request.params
+    def submit(self, request: GenerationRequest, lease=None) -> RequestHandle:
+        """Queue a request. `lease`: the AdapterLease of request.adapter when the caller already
+        acquired it (off its event loop); the engine then owns it and releases it when the
+        request ends or is refused here. Without one the engine acquires it."""
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        handle = RequestHandle(request, self, loop)
-        grammar = self.grammars.matcher(params.grammar) if params.grammar is not None else None
-        # Fail fast on a full queue before pinning an adapter (add() re-checks under the lock).
-        self.scheduler.check_room()
-        lease = self._acquire(request.adapter)
-        # Prefix tuning moves the row's RoPE positions past its prefix: they must stay in the table.
-        shift = position_shift(lease.parts) if lease is not None else 0
-        if shift and len(request.prompt_ids) + params.max_new_tokens + shift > self.model.config.max_seq_len:
-            lease.release()
-            raise InvalidRequestError(
-                "max_new_tokens", f"prompt + max_new_tokens + the adapter's prefix of {shift} exceed the "
-                f"model's context of {self.model.config.max_seq_len}")
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        prompt = list(request.prompt_ids)
-        user_stop_ids = frozenset(params.stop_token_ids)
-        active = _Active(
-            request=request, handle=handle, lease=lease,
-            sampler=RowSampler(params, seed, prompt, self.device, grammar),
-            detok=IncrementalDetokenizer(self.tokenizer, prompt),
-            stops=StopStringMatcher(params.stop),
-            stop_ids=user_stop_ids,
-            eos_ids=frozenset() if params.ignore_eos else self.eos_ids - user_stop_ids,
-            seed=seed, t_submit=time.perf_counter(),
-            prompt_logprobs=[(None, [])] if params.prompt_logprobs is not None else None)
-        seq = Sequence(prompt, len(prompt), payload=active)
-        handle._seq = seq
-        try:
-            with self._lock:
-                self.scheduler.add(seq)
-                self._wakeup.notify()
+            self._validate(request)
+            if not self._accepting:
+                raise EngineClosedError("engine is shutting down")
+            # Fail fast on a full queue before pinning an adapter (add() re-checks under the lock).
+            self.scheduler.check_room()
+            if lease is None:
+                lease = self._acquire(request.adapter)
+            self._check_prefix_fits(request, lease)
+            return self._enqueue(request, lease)
         except BaseException:
             if lease is not None:
                 lease.release()
             raise
-        return handle
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         return await self.submit(request).result()
 
     def stats(self) -> EngineStats:
+        blocks = self.scheduler.blocks
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-            kv_slots_used=len(self.scheduler.running), kv_slots_total=self.config.max_batch,
-            kv_cache_bytes=self.cache.nbytes(), **self._counters)
+            kv_blocks_used=self.scheduler.blocks_used, kv_blocks_total=blocks.n_blocks,
+            kv_blocks_cached=blocks.n_cached_idle, kv_block_size=self.config.block_size,
+            kv_cache_bytes=self.cache.nbytes(), preemptions_total=self.scheduler.preemptions_total,
+            prefix_cache_queries=dict(self._prefix_queries), prefix_cache_hits=dict(self._prefix_hits),
+            **self._counters)
 
     # ---- request intake -------------------------------------------------------------------
     def _validate(self, request: GenerationRequest) -> None:
@@ -284,11 +206,26 @@ class Engine:
             raise InvalidRequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
         if any(t >= self.vocab_size for t in request.params.logit_bias):
             raise InvalidRequestError("logit_bias", f"token ids must be in [0, {self.vocab_size})")
+        capacity = self.scheduler.capacity_tokens
+        if len(ids) > capacity:
+            raise InvalidRequestError("prompt", f"the prompt ({len(ids)} tokens) is longer than the "
+                                      f"whole KV cache ({capacity} tokens)")
         total = len(ids) + request.params.max_new_tokens
-        if total > self.max_seq_len:
+        limit = min(self.max_seq_len, capacity)
+        if total > limit:
+            what = "the context" if limit == self.max_seq_len else "the KV cache"
             raise InvalidRequestError(
                 "max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens "
-                f"({request.params.max_new_tokens}) = {total} exceeds the context of {self.max_seq_len}")
+                f"({request.params.max_new_tokens}) = {total} exceeds {what} of {limit}")
+
+    def _check_prefix_fits(self, request: GenerationRequest, lease) -> None:
+        # Prefix tuning moves the row's RoPE positions past its prefix: they must stay in the table.
+        shift = position_shift(lease.parts) if lease is not None else 0
+        total = len(request.prompt_ids) + request.params.max_new_tokens + shift
+        if shift and total > self.model.config.max_seq_len:
+            raise InvalidRequestError(
+                "max_new_tokens", f"prompt + max_new_tokens + the adapter's prefix of {shift} exceed the "
+                f"model's context of {self.model.config.max_seq_len}")
 
     def _acquire(self, ref: str | None):
         if ref is None:
@@ -297,6 +234,41 @@ class Engine:
             from adapters.registry import AdapterNotFoundError
             raise AdapterNotFoundError(f"adapter {ref!r} not found: this server has no adapter registry")
         return self.registry.acquire(ref)   # raises AdapterNotFoundError naming the ref
+
+    def _enqueue(self, request: GenerationRequest, lease) -> RequestHandle:
+        params = request.params
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        prompt = list(request.prompt_ids)
+        seq = Sequence(prompt, len(prompt))
+        # A weak reference: the handle must not keep its finished sequence (and so itself,
+        # through seq.payload.handle) alive in a cycle only the garbage collector can break.
+        seq_ref = weakref.ref(seq)
+        handle = RequestHandle(request, lambda: (s := seq_ref()) is not None and self._request_cancel(s), loop)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        grammar = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+        user_stop_ids = frozenset(params.stop_token_ids)
+        seq.payload = RequestState(
+            request=request, handle=handle, lease=lease,
+            sampler=RowSampler(params, seed, prompt, self.device, grammar),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt),
+            stops=StopStringMatcher(params.stop),
+            stop_ids=user_stop_ids,
+            eos_ids=frozenset() if params.ignore_eos else self.eos_ids - user_stop_ids,
+            seed=seed, t_submit=time.perf_counter(),
+            prompt_logprobs={} if params.prompt_logprobs is not None else None)
+        # What shapes this prompt's K/V: the base model or this exact adapter version (its
+        # content hash too, so a version number reused after a delete cannot alias).
+        seq.prefix_root = _BASE_ROOT if lease is None else prefix_root(_adapter_identity(lease))
+        # Prompt logprobs need every prompt position's logits: such a request computes its
+        # whole prompt (it still offers its blocks to others).
+        seq.takes_prefix_hits = params.prompt_logprobs is None
+        with self._lock:
+            self.scheduler.add(seq)
+            self._wakeup.notify()
+        return handle
 
     def _request_cancel(self, seq: Sequence) -> None:
         with self._lock:
@@ -322,23 +294,22 @@ class Engine:
             except Exception as e:      # never let the thread die with requests in flight
                 log.exception("engine step failed outside the forward")
                 self._fail_running(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
-                self._flush_outbox()
+                self.output.flush()
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One scheduling round: cancellations, admissions, the forwards, sampling, streaming."""
+        """One scheduling round: cancellations, scheduling, the forwards, sampling, streaming."""
         with self._lock:     # the waiting queue is shared with submit(); callbacks run unlocked
             cancels, self._cancel_requests = self._cancel_requests, []
-            dequeued = [s for s in cancels if s.slot < 0 and s in self.scheduler.waiting]
-            for seq in dequeued:
-                self.scheduler.remove(seq)
-            self.scheduler.admit()
-        for seq in dequeued:
+            cancelled = []
+            for seq in cancels:
+                if seq.running or seq in self.scheduler.waiting:
+                    self.scheduler.remove(seq)
+                    cancelled.append(seq)
+            plan = self.scheduler.schedule()
+        for seq in cancelled:
             self._complete(seq, "cancelled")
-        for seq in cancels:
-            if seq.slot >= 0:
-                self._finish(seq, "cancelled")
-        plan = self.scheduler.plan()
+        self._count_admissions(plan)
         if not plan.empty:
             try:
                 self._run_plan(plan)
@@ -346,210 +317,160 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_running(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
             self._counters["steps_total"] += 1
-        self._flush_outbox()
+        self.output.flush()
+
+    def _count_admissions(self, plan: StepPlan) -> None:
+        for seq in plan.admitted:
+            if not seq.takes_prefix_hits or not self.scheduler.blocks.prefix_caching:
+                continue
+            name = _adapter_names(seq.payload.lease)
+            self._prefix_queries[name] = self._prefix_queries.get(name, 0) + seq.prefill_len
+            self._prefix_hits[name] = self._prefix_hits.get(name, 0) + seq.prefix_hit_tokens
 
     def _run_plan(self, plan: StepPlan) -> None:
+        decode = self._usable(plan.decode)
+        usable = set(self._usable([s for s, _ in plan.prefill]))
+        prefill = [(s, n) for s, n in plan.prefill if s in usable]
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
-        if plan.decode:
-            logits.append(self._forward_decode(plan.decode))
-            rows.extend(plan.decode)
-        if plan.prefill:
-            prefill_logits, finished = self._forward_prefill(plan.prefill)
-            done = [i for i in finished if plan.prefill[i][0].payload.request.params.max_new_tokens == 0]
-            for i in done:      # prompt scoring only: no token to generate
-                self._finish(plan.prefill[i][0], "length")
-            finished = [i for i in finished if i not in done]
-            if finished:
-                logits.append(prefill_logits[finished])
-                rows.extend(plan.prefill[i][0] for i in finished)
+        if decode:
+            logits.append(self.runner.decode(decode, [s.payload.parts for s in decode]))
+            for seq in decode:
+                self.scheduler.cached(seq, 1)
+            rows.extend(decode)
+        if prefill:
+            prefill_logits, done = self._prefill(prefill)
+            if done:
+                logits.append(prefill_logits[done])
+                rows.extend(prefill[i][0] for i in done)
         if not rows:
             return
-        sampled = sample_batch(torch.cat(logits) if len(logits) > 1 else logits[0],
-                               [s.payload.sampler for s in rows])
+        sampled = self._sample(torch.cat(logits) if len(logits) > 1 else logits[0], rows)
         for seq, out in zip(rows, sampled):
-            self._append_token(seq, out)
+            if isinstance(out, Exception):
+                self._fail(seq, EngineError(f"sampling failed for this request: {type(out).__name__}: {out}"))
+                continue
+            self._add_token(seq, out)
 
-    def _forward_decode(self, rows: list[Sequence]) -> torch.Tensor:
-        """One token per row → logits [B, V]."""
-        dev = self.device
-        tokens = torch.tensor([[s.token_ids[s.n_cached]] for s in rows], device=dev)
-        positions = torch.tensor([[s.n_cached] for s in rows], device=dev)
-        slots = torch.tensor([s.slot for s in rows], device=dev)
-        logits = self._decode_model(tokens, positions, self.cache, slots, self._decode_adapters(rows))
-        for s in rows:
-            s.n_cached += 1
-        return logits[:, 0]
-
-    def _decode_adapters(self, rows: list[Sequence]) -> BatchAdapters | None:
-        # The decode batch changes only when requests join or leave: reuse the stacked adapters.
-        parts = tuple(_row_adapters(s) for s in rows)
-        if len(parts) != len(self._adapter_key) or any(a is not b for a, b in zip(parts, self._adapter_key)):
-            self._adapter_key = parts
-            self._adapter_batch = BatchAdapters.build(list(parts), self.n_layers)
-        return self._adapter_batch
-
-    def _forward_prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
-        """Prompt chunks padded to the longest → logits [B, V] at each row's last real token,
-        and the indices of rows whose prompt is now fully cached."""
-        width = max(n for _, n in chunks)
-        last_pos = self.max_seq_len - 1
-        tokens, positions = [], []
-        for seq, n in chunks:
-            start = seq.n_cached
-            pad = width - n
-            tokens.append(seq.token_ids[start:start + n] + [0] * pad)
-            # Padding goes to positions after the chunk: this row never reads them before its
-            # own later tokens overwrite them (a row reads only positions ≤ its own).
-            positions.append(list(range(start, start + n))
-                             + [min(start + n + j, last_pos) for j in range(pad)])
-        dev = self.device
-        hidden = self.model.run_layers(self.model.tok_embeddings(torch.tensor(tokens, device=dev)),
-                                       torch.tensor(positions, device=dev), self.cache,
-                                       torch.tensor([s.slot for s, _ in chunks], device=dev),
-                                       BatchAdapters.build([_row_adapters(s) for s, _ in chunks], self.n_layers))
-        last = hidden[torch.arange(len(chunks), device=dev), torch.tensor([n - 1 for _, n in chunks], device=dev)]
-        logits = self.model.output(self.model.norm(last)).float()
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
+        """Run the chunks; returns their logits and the indices of rows whose prefill is done
+        and that now sample a token (a max_new_tokens=0 request finishes here instead)."""
+        want = {i: s.payload.request.params.prompt_logprobs for i, (s, _) in enumerate(chunks)
+                if s.payload.wants_prompt_logprobs and s.n_cached < s.n_prompt - 1}
+        logits, prompt_lps = self.runner.prefill(chunks, [s.payload.parts for s, _ in chunks], want)
+        for i, lps in prompt_lps.items():
+            table = chunks[i][0].payload.prompt_logprobs
+            for pos, lp, top in zip(lps.positions, lps.logprobs, lps.top):
+                table[pos] = (lp, top)
+        done = []
         for i, (seq, n) in enumerate(chunks):
-            if seq.payload.prompt_logprobs is not None:
-                self._score_prompt(seq, hidden[i, :n])
-        finished = []
-        for i, (seq, n) in enumerate(chunks):
-            seq.n_cached += n
+            self.scheduler.cached(seq, n)
             self._counters["prompt_tokens_total"] += n
-            if not seq.in_prefill:
-                finished.append(i)
-        return logits, finished
+            if seq.in_prefill:
+                continue
+            if seq.payload.request.params.max_new_tokens == 0:
+                self._finish(seq, "length")
+            else:
+                done.append(i)
+        return logits, done
 
-    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        """Prompt logprobs from this chunk's hidden states [n, dim] (same forward, only for the
-        rows that ask): position p's logits score prompt token p + 1."""
-        a: _Active = seq.payload
-        start = seq.n_cached
-        targets = seq.token_ids[start + 1:min(start + 1 + hidden.shape[0], seq.n_prompt)]
-        if not targets:
-            return
-        lp = torch.log_softmax(self.model.output(self.model.norm(hidden[:len(targets)])).float(), dim=-1)
-        picked = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
-        k = a.request.params.prompt_logprobs
-        tops = [[] for _ in targets]
-        if k:
-            vals, ids = torch.topk(lp, k, dim=-1)
-            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
-        a.prompt_logprobs.extend(zip(picked, tops))
+    def _usable(self, rows: list[Sequence]) -> list[Sequence]:
+        """Rows whose LLaMA-Adapter K/V fit the model; the others fail alone (checked once per
+        version). LoRA and prefix-tuning weights are checked against the model when loaded."""
+        ok = []
+        for seq in rows:
+            problem = None
+            for kv, _ in seq.payload.parts:
+                if not isinstance(kv, AdapterKV) or self._checked_adapters.get(id(kv)) is kv:
+                    continue
+                problem = self._adapter_problem(kv)
+                if problem is not None:
+                    break
+                self._checked_adapters[id(kv)] = kv
+            if problem is None:
+                ok.append(seq)
+            else:
+                self._fail(seq, EngineError(f"adapter {seq.payload.lease.ref} cannot run on this model: {problem}"))
+        return ok
+
+    def _adapter_problem(self, kv: AdapterKV) -> str | None:
+        cfg = self.model.config
+        if not all(0 <= i < cfg.n_layers for i in kv.layers):
+            return f"adapted layers {kv.layers} outside the model's {cfg.n_layers}"
+        n = len(kv.layers)      # K/V are stored for the adapted layers only
+        want = (n, cfg.n_kv_heads, kv.adapter_len, cfg.head_dim)
+        for name, t, shape in (("keys", kv.keys, want), ("values", kv.values, want),
+                               ("gates", kv.gates, (n, cfg.n_heads))):
+            if tuple(t.shape) != shape:
+                return f"{name} shape {tuple(t.shape)} != {shape}"
+            if t.dtype != self.dtype or t.device.type != self.device.type:
+                return f"{name} are {t.dtype} on {t.device}, the model {self.dtype} on {self.device}"
+            if not bool(torch.isfinite(t).all()):
+                return f"{name} hold non-finite values"
+        return None
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[SampledRow | Exception]:
+        samplers = [s.payload.sampler for s in rows]
+        try:
+            return sample_batch(logits, samplers)
+        except Exception:
+            # A sampler that raises instead of returning its row's error: find it row by row
+            # so the others still get their tokens.
+            log.exception("batched sampling failed; sampling row by row")
+        out: list[SampledRow | Exception] = []
+        for i, sampler in enumerate(samplers):
+            try:
+                out.append(sample_batch(logits[i:i + 1], [sampler])[0])
+            except Exception as e:
+                out.append(e)
+        return out
 
     # ---- per-token bookkeeping ------------------------------------------------------------
-    def _append_token(self, seq: Sequence, out: SampledRow | Exception) -> None:
-        a: _Active = seq.payload
-        if isinstance(out, Exception):      # this row's sampling failed: fail this request alone
-            log.error("sampling failed for request %s: %s", a.request.request_id, out)
-            self._release_slot(seq)
-            if a.lease is not None:
-                a.lease.release()
-            self._post(a.handle, EngineError(f"sampling failed: {type(out).__name__}: {out}"))
-            return
-        tok = out.token_id
-        seq.token_ids.append(tok)
-        a.logprobs.append(out.logprob)
-        a.top_logprobs.append(out.top_logprobs)
-        if a.t_first is None:
-            a.t_first = time.perf_counter()
+    def _add_token(self, seq: Sequence, out: SampledRow) -> None:
+        seq.token_ids.append(out.token_id)
         self._counters["tokens_generated_total"] += 1
-        finish: FinishReason | None = None
-        if tok in a.stop_ids:
-            finish = "stop"
-        elif tok in a.eos_ids:
-            finish = "eos_token"
-        elif out.done:                  # the grammar is complete
-            finish = "stop"
-        elif len(seq.token_ids) - seq.n_prompt >= a.request.params.max_new_tokens:
-            finish = "length"
-        text = a.detok.add(tok)
+        try:
+            finish = self.output.add_token(seq.payload, seq.token_ids, seq.n_prompt, out)
+        except Exception as e:
+            log.exception("output processing failed for request %s", seq.payload.request.request_id)
+            self._fail(seq, EngineError(f"output processing failed: {type(e).__name__}: {e}"))
+            return
         if finish is not None:
-            text += a.detok.flush()
-        visible, matched = a.stops.push(text)
-        if matched is not None:
-            finish = "stop"
-        elif finish is not None:
-            visible += a.stops.flush()
-        a.text.append(visible)
-        self._post(a.handle, TokenEvent(tok, visible, out.logprob, out.top_logprobs,
-                                        bool(self.tokenizer.is_special(tok))))
-        if finish is not None:
-            self._finish(seq, finish, matched)
+            self._finish(seq, *finish)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_sequence: str | None = None) -> None:
-        """A running sequence is done: free its slot, then report."""
-        self._release_slot(seq)
+        """A running sequence is done: free its blocks, then report."""
+        self.scheduler.remove(seq)
         self._complete(seq, reason, stop_sequence)
 
-    def _release_slot(self, seq: Sequence) -> None:
-        move = self.scheduler.remove(seq)
-        if move is not None:        # keep slots compact: the last slot's K/V fill the hole
-            n = move.seq.n_cached
-            self.cache.k[:, move.dst, :, :n] = self.cache.k[:, move.src, :, :n]
-            self.cache.v[:, move.dst, :, :n] = self.cache.v[:, move.src, :, :n]
-
     def _complete(self, seq: Sequence, reason: FinishReason, stop_sequence: str | None = None) -> None:
-        """Release the adapter, deliver the result, run the completion callbacks."""
-        a: _Active = seq.payload
-        if a.lease is not None:
-            a.lease.release()
-        now = time.perf_counter()
-        generated = seq.token_ids[seq.n_prompt:]
-        result = GenerationResult(
-            request_id=a.request.request_id, text="".join(a.text), token_ids=generated,
-            logprobs=a.logprobs, top_logprobs=a.top_logprobs, finish_reason=reason,
-            prompt_tokens=seq.n_prompt, generated_tokens=len(generated),
-            adapter_ref=a.lease.ref if a.lease is not None else None, seed=a.seed,
-            ttft_s=(a.t_first or now) - a.t_submit, latency_s=now - a.t_submit,
-            stop_sequence=stop_sequence, tenant=a.request.tenant,
-            prompt_logprobs=a.prompt_logprobs)
         self._counters["requests_finished_total"] += 1
         if reason == "cancelled":
             self._counters["requests_cancelled_total"] += 1
-        self._post(a.handle, result)
-        for fn in self._callbacks:
-            try:
-                fn(result)
-            except Exception:
-                log.exception("completion callback failed")
+        self.output.complete(seq.payload, seq.token_ids, seq.n_prompt, reason, stop_sequence)
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        """One request failed; the others go on."""
+        if seq.running:
+            self.scheduler.remove(seq)
+        self.output.fail(seq.payload, error)
 
     def _fail_running(self, error: EngineError) -> None:
         for seq in list(self.scheduler.running):
-            self.scheduler.remove(seq)      # no K/V moves: every running sequence goes
-            a: _Active = seq.payload
-            if a.lease is not None:
-                a.lease.release()
-            self._post(a.handle, error)
-        self._adapter_key, self._adapter_batch = (), None
-
-    # ---- delivery to consumers ------------------------------------------------------------
-    def _post(self, handle: RequestHandle, item: Any) -> None:
-        self._outbox.setdefault(handle._loop, []).append((handle, item))
-
-    def _flush_outbox(self) -> None:
-        outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            if loop is None:
-                for handle, item in items:
-                    handle._receive(item)
-                continue
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:        # the consumer's loop is closed: nobody is listening
-                pass
+            self._fail(seq, error)
 
 
-_BASE: tuple = ()
+def _adapter_identity(lease) -> str:
+    """What shapes a prompt's K/V under this lease, for the prefix cache: every adapter's exact
+    version and content hash (a version number reused after a delete cannot alias) and the
+    composition weights, all of which change the keys/values (prefix tuning their positions)."""
+    leases = getattr(lease, "leases", [lease])
+    return "adapter:" + lease.ref + ":" + ",".join(part.info.sha256 for part in leases)
 
 
-def _row_adapters(seq: Sequence):
-    """The seam to the model: a row's adapters with weights (from its lease), () for the base."""
-    lease = seq.payload.lease
-    return lease.parts if lease is not None else _BASE
-
-
-def _deliver(items: list[tuple[RequestHandle, Any]]) -> None:
-    for handle, item in items:
-        handle._receive(item)
+def _adapter_names(lease) -> str | None:
+    """The metrics label of a request's adapter(s): names only (versions and weights would
+    multiply the series)."""
+    if lease is None:
+        return None
+    return "+".join(part.name for part in getattr(lease, "leases", [lease]))

@@ -50,11 +50,28 @@ class _LiveStatsCollector(Collector):
         s = self._engine_stats()
         yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a batch slot.", s.waiting)
         yield GaugeMetricFamily(f"{PREFIX}_running_requests", "Sequences in the running batch.", s.running)
-        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_slots_used", "KV-cache slots in use.", s.kv_slots_used)
-        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_slots_total", "KV-cache slots allocated.", s.kv_slots_total)
-        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage_ratio", "Fraction of KV-cache slots in use.",
-                                s.kv_slots_used / s.kv_slots_total if s.kv_slots_total else 0.0)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_blocks_used", "KV-cache blocks held by running sequences.",
+                                s.kv_blocks_used)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_blocks_cached",
+                                "Idle KV-cache blocks kept for prefix-cache hits (reusable).", s.kv_blocks_cached)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_blocks_free", "KV-cache blocks neither used nor cached.",
+                                s.kv_blocks_total - s.kv_blocks_used - s.kv_blocks_cached)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_blocks_total", "KV-cache blocks allocated.", s.kv_blocks_total)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage_ratio", "Fraction of KV-cache blocks held by sequences.",
+                                s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
         yield GaugeMetricFamily(f"{PREFIX}_kv_cache_bytes", "Bytes allocated for the KV cache.", s.kv_cache_bytes)
+        yield CounterMetricFamily(f"{PREFIX}_preemptions", "Sequences preempted (blocks freed, recomputed later).",
+                                  s.preemptions_total)
+        queries = CounterMetricFamily(f"{PREFIX}_prefix_cache_queried_tokens",
+                                      "Prompt tokens looked up in the prefix cache.", labels=["adapter"])
+        hits = CounterMetricFamily(f"{PREFIX}_prefix_cache_hit_tokens",
+                                   "Prompt tokens served by the prefix cache (hit rate = hit / queried).",
+                                   labels=["adapter"])
+        for name, n in s.prefix_cache_queries.items():
+            queries.add_metric([adapter_label(name)], n)
+            hits.add_metric([adapter_label(name)], s.prefix_cache_hits.get(name, 0))
+        yield queries
+        yield hits
         yield CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine forward steps.", s.steps_total)
         if self._kv_cache_write_failures is not None:
             yield CounterMetricFamily(f"{PREFIX}_adapter_kv_cache_write_failures",

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, AsyncIterator, Callable
@@ -192,14 +193,14 @@ def resolve_max_new_tokens(ctx: ServerContext, requested: int | None, prompt_len
     return requested
 
 
-async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | None:
-    """'name' or 'name@N' → the exact 'name@N' to serve (None = base model), or a 404; a
-    composed 'a:0.7+b' → 'a@3:0.7+b@1' (adapters/compose.py).
+async def acquire_adapter(ctx: ServerContext, requested: str | None):
+    """'name' or 'name@N' → a lease on the exact version to serve (None = base model), or a 404;
+    a composed 'a:0.7+b' → a lease on 'a@3:0.7+b@1' (adapters/compose.py).
 
     Pinning the version here means everything said about the request (metrics label,
     system_fingerprint) names the version that actually serves it, even if an upload lands
-    between this call and the engine's. A version not yet on the device is loaded here, in a
-    worker thread, so reading its file and computing its K/V never stalls the event loop."""
+    before the engine runs it. The lease is taken in a worker thread: loading a version not yet
+    on the device (reading its file, computing its K/V) never stalls the event loop."""
     try:
         check_adapter(requested)   # before the store: a key's forbidden adapter reads as missing
     except AdapterNotFoundError as e:
@@ -210,12 +211,15 @@ async def resolve_adapter(ctx: ServerContext, requested: str | None) -> str | No
         raise ApiError(404, f"adapter {requested!r} not found: this server has no adapter store",
                        "not_found", "adapter")
     try:
-        exact = ctx.registry.pin(requested)
-        if not ctx.registry.is_resident_ref(exact):
-            await run_in_threadpool(lambda: ctx.registry.acquire(exact).release())
+        return await run_in_threadpool(ctx.registry.acquire, requested)
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings) from None
-    return exact
+
+
+# The lease start_counted acquired, handed to the first submit() of the call it builds (routes
+# build their calls without knowing about leases; the other requests of an n > 1 group acquire
+# the same, now resident, version in the engine); whatever is left is released afterwards.
+_pending_lease: ContextVar[list | None] = ContextVar("pending_lease", default=None)
 
 
 def request_label(requested: str | None) -> str:
@@ -227,15 +231,22 @@ def request_label(requested: str | None) -> str:
 def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, adapter_ref: str | None,
            validation_status: int = 422, field_names: dict[str, str] | None = None):
     """Validate and enqueue → a GuardedHandle; raise ApiError for anything the caller did wrong
-    or overload. Must run on the event loop (the handle's deadline timer lives there)."""
+    or overload. Must run on the event loop (the handle's deadline timer lives there). The
+    adapter lease start_counted holds, if any, goes to the engine."""
+    pending = _pending_lease.get()
+    lease = pending.pop() if pending else None
     try:
         params.validate()
         request = GenerationRequest(prompt_ids, params, adapter=adapter_ref, tenant=current_tenant())
         with ctx.auth.charging_caller(request.request_id):
-            return GuardedHandle(ctx, ctx.engine.submit(request))
+            owned, lease = lease, None      # the engine owns it now (and releases it if it refuses)
+            return GuardedHandle(ctx, ctx.engine.submit(request, lease=owned))
     except (AdapterNotFoundError, AdapterNameError, AdapterValidationError, InvalidRequestError,
             EngineOverloadedError, EngineClosedError, EngineError, StoreCorruptError) as e:
         raise engine_error(e, ctx.settings, validation_status, field_names) from None
+    finally:
+        if lease is not None:       # refused before the engine took it
+            lease.release()
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -352,16 +363,25 @@ async def start_counted(ctx: ServerContext, endpoint: str, requested: str | None
     down) is counted in the metrics and re-raised.
     """
     label = request_label(requested)
+    pending: list = []
+    token = _pending_lease.set(pending)
     try:
         if ctx.draining:
             raise ApiError(503, SHUTTING_DOWN, "unavailable", headers={"Retry-After": str(ctx.settings.retry_after_s)})
-        adapter_ref = await resolve_adapter(ctx, requested)
+        lease = await acquire_adapter(ctx, requested)
+        adapter_ref = lease.ref if lease is not None else None
+        if lease is not None:
+            pending.append(lease)
         label = adapter_label(adapter_ref)
         call = await run_in_threadpool(make_call, adapter_ref)
         return call, call.submit(), label
     except ApiError as e:
         ctx.metrics.observe_request(endpoint, e.status, label)
         raise
+    finally:
+        _pending_lease.reset(token)
+        for lease in pending:       # the call failed before submitting: nobody took it
+            lease.release()
 
 
 async def counted_answer(request: Request, ctx: ServerContext, endpoint: str, label: str, handle,

@@ -61,6 +61,29 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(k.strip() for k in os.environ.get(env_name("--api-key"), "").split(",") if k.strip())
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def memory_size(text: str) -> int | float:
+    """'2GiB', '512MB', '1500000000' → bytes (int); '0.8' → a fraction of free device memory."""
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgtib")
+    unit = t[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes like 2GiB or 512MB, or a fraction like 0.8; "
+                                         f"got {text!r}") from None
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"unknown unit {unit!r} in {text!r} (use B, KiB, MiB, GiB, KB, MB, GB)")
+    if unit == "" and 0 < value < 1:
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1) or at least 1 byte, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
 def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
@@ -103,9 +126,17 @@ def register(subparsers) -> None:
                         f"comma-separated keys; flags replace it [env {env_name('--api-key')}; default: unset]")
     _add(p, "--api-keys-file", None, "JSON or TOML file of hashed inference keys with tenants, adapter "
          "patterns, limits and tenant admin keys (docs/api-keys.md); re-read when it changes")
-    _add(p, "--max-batch", 8, "concurrent sequences (KV-cache slots)", type=_positive(int))
+    _add(p, "--max-batch", 64, "running sequences, i.e. rows per decode step (the KV cache's blocks "
+         "bound them too)", type=_positive(int))
     _add(p, "--max-seq-len", None, "prompt + generated tokens per sequence", type=_positive(int),
          shown="the model's context, at most 4096")
+    _add(p, "--kv-cache-memory", None, "KV-cache size: bytes (2GiB, 512MB) or, on CUDA, a fraction of free "
+         "device memory (0.8)", type=memory_size,
+         shown="CPU: what 8 sequences of --max-seq-len need; CUDA: 0.8")
+    _add(p, "--no-prefix-cache", False, "do not reuse prompt blocks across requests", type=_flag_bool,
+         nargs="?", const=True)
+    _add(p, "--cuda-graphs", True, "replay the decode step as CUDA graphs (CUDA)", type=_flag_bool,
+         nargs="?", const=True)
     _add(p, "--max-tokens-per-step", 512, "tokens per forward pass (chunked prefill budget)",
          type=_positive(int))
     _add(p, "--max-queue", 256, "waiting requests beyond the batch; more get 503 + Retry-After",
@@ -187,13 +218,16 @@ def run(args: argparse.Namespace) -> int:
     max_seq_len = args.max_seq_len or min(cfg.max_seq_len, 4096)
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=max_seq_len,
                                  max_tokens_per_step=max(args.max_tokens_per_step, args.max_batch),
-                                 max_queue=args.max_queue, compile=args.compile)
+                                 max_queue=args.max_queue, compile=args.compile,
+                                 kv_cache_memory=args.kv_cache_memory, prefix_caching=not args.no_prefix_cache,
+                                 cuda_graphs=args.cuda_graphs)
     engine = Engine(loaded, registry, engine_config)   # steps on this thread (Engine.run_here)
     watcher = StoreWatcher(registry, args.store_poll_interval).start() if args.store_poll_interval > 0 else None
     stats = engine.stats()
-    log.info("engine: batch %d, sequence length %d, queue %d, KV cache %.1f MiB",
-             engine_config.max_batch, engine_config.max_seq_len, engine_config.max_queue,
-             stats.kv_cache_bytes / (1 << 20))
+    log.info("engine: batch %d, sequence length %d, queue %d, KV cache %.1f MiB (%d blocks of %d tokens), "
+             "prefix cache %s", engine_config.max_batch, engine_config.max_seq_len, engine_config.max_queue,
+             stats.kv_cache_bytes / (1 << 20), stats.kv_blocks_total, stats.kv_block_size,
+             "on" if engine_config.prefix_caching else "off")
 
     settings = ServerSettings(
         admin_token=args.admin_token or None, max_body_bytes=int(args.max_body_mb * (1 << 20)),

@@ -8,7 +8,7 @@ The engine API itself (`Engine`, `RequestHandle`) lives in `server/engine.py`:
         # EngineOverloadedError, InvalidRequestError, EngineClosedError
     async for event in handle: ...          # TokenEvent per generated token
     result = await handle.result()          # GenerationResult (raises EngineError on a crash)
-    handle.cancel()                         # finish_reason "cancelled", slot freed within one step
+    handle.cancel()                         # finish_reason "cancelled", blocks freed within one step
     engine.add_completion_callback(fn)      # fn(result) for every finished request (metrics)
     engine.shutdown(graceful=True)
 """
@@ -186,33 +186,52 @@ CompletionCallback = Callable[[GenerationResult], None]
 
 @dataclass
 class EngineConfig:
-    max_batch: int = 32                 # concurrent sequences = KV-cache slots
+    max_batch: int = 64                 # running sequences = rows per decode step
     max_seq_len: int = 2048             # prompt + generated tokens per sequence
     max_tokens_per_step: int = 512      # prompt tokens + decode tokens in one forward (chunked prefill)
     max_queue: int = 256                # waiting requests beyond the running batch
+    # KV-cache size: bytes (int ≥ 1), or a fraction in (0, 1) of the free device memory (CUDA).
+    # None: on CPU what 8 sequences of max_seq_len need (reserved, resident only once used);
+    # on CUDA 0.8 of the free memory.
+    kv_cache_memory: int | float | None = None
+    block_size: int = 16                # tokens per KV-cache block
+    prefix_caching: bool = True         # reuse full prompt blocks across requests (same base/adapter version)
     device: str | None = None           # None = the loaded model's device; must match it if given
     dtype: str | None = None            # "float32" | "bfloat16" | "float16"; None = the model's
     compile: bool = False               # torch.compile the decode forward: for CUDA (on CPU, inductor
                                         # ran the default model's decode ~2× slower than eager)
+    cuda_graphs: bool = True            # CUDA: replay the decode step as CUDA graphs (no effect on CPU)
+
+    DEFAULT_CPU_SEQUENCES = 8           # the old slot cache's default size, in max_seq_len sequences
+    DEFAULT_CUDA_FRACTION = 0.8
 
     def validate(self) -> None:
-        for name in ("max_batch", "max_seq_len", "max_tokens_per_step", "max_queue"):
+        for name in ("max_batch", "max_seq_len", "max_tokens_per_step", "max_queue", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine config {name} must be ≥ 1")
         if self.max_tokens_per_step < self.max_batch:
             raise ValueError("engine config max_tokens_per_step must be ≥ max_batch "
                              "(every running sequence decodes one token per step)")
+        m = self.kv_cache_memory
+        if m is not None and not (isinstance(m, int) and m >= 1 or isinstance(m, float) and 0 < m < 1):
+            raise ValueError(f"engine config kv_cache_memory must be bytes ≥ 1 or a fraction in (0, 1), got {m!r}")
 
 
 @dataclass
 class EngineStats:
     running: int
     waiting: int
-    kv_slots_used: int
-    kv_slots_total: int
+    kv_blocks_used: int                 # blocks held by running sequences
+    kv_blocks_total: int
+    kv_blocks_cached: int               # idle blocks kept for prefix hits (free to reuse)
+    kv_block_size: int
     kv_cache_bytes: int
     tokens_generated_total: int
-    prompt_tokens_total: int
+    prompt_tokens_total: int            # prompt tokens computed (prefix-cache hits excluded)
     requests_finished_total: int
     requests_cancelled_total: int
     steps_total: int
+    preemptions_total: int = 0
+    # Per adapter name (None = base model): prompt tokens admitted / of them served by the prefix cache.
+    prefix_cache_queries: dict[str | None, int] = field(default_factory=dict)
+    prefix_cache_hits: dict[str | None, int] = field(default_factory=dict)

@@ -12,7 +12,7 @@
 * `default_model` (session) — `load_model("default")` (SmolLM2-135M-Instruct, fetched and
   converted on first use). Tests using it should be few and marked `@pytest.mark.slow`.
 * `greedy` — `greedy(model, prompt_ids, max_new_tokens, adapters=None, stop_ids=())` →
-  (token ids, their log-probs): the plainest prefill + one-token-per-step decode with a KVCache,
+  (token ids, their log-probs): the plainest prefill + one-token-per-step decode with a paged KV cache,
   a reference for comparing against transformers/PEFT and for the engine.
 """
 
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import PagedKVCache
 from model.llama import Transformer
 
 _CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -53,15 +53,16 @@ def random_tiny_model(seed: int = 0, **overrides) -> Transformer:
 
 
 def greedy_generate(model, prompt_ids, max_new_tokens, adapters=None, stop_ids=()):
-    cache = KVCache.for_model(model, 1, len(prompt_ids) + max_new_tokens)
-    slots = torch.zeros(1, dtype=torch.long)
+    n_blocks = -(-(len(prompt_ids) + max_new_tokens) // 16)
+    cache = PagedKVCache.for_model(model, n_blocks, 16)
+    table = torch.arange(n_blocks)[None]
     tokens = torch.tensor([prompt_ids])
     positions = torch.arange(len(prompt_ids))[None]
     out, logprobs = [], []
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             last = torch.tensor([tokens.shape[1] - 1])
-            lp = model(tokens, positions, cache, slots, adapters, logits_index=last)[0].log_softmax(-1)
+            lp = model(tokens, positions, cache, table, adapters, logits_index=last)[0].log_softmax(-1)
             token = int(lp.argmax())
             out.append(token)
             logprobs.append(float(lp[token]))

@@ -95,7 +95,7 @@ def test_mixed_adapter_batch_matches_each_sequence_alone(loaded, registry, tmp_p
     for name, w in adapters.items():
         upload(registry, loaded, tmp_path, name, w)
     # Chunked prefill (12 tokens a step), requests arriving mid-generation, different lengths
-    # (so slots get compacted while others are still running), a repeated adapter, the base.
+    # (so blocks are freed while others are still running), a repeated adapter, the base.
     engine = Engine(loaded, registry, EngineConfig(max_batch=8, max_tokens_per_step=12, max_seq_len=128))
     jobs = [("a", 5, 6), ("b", 3, 10), (None, 17, 8), ("c", 30, 5), ("d", 9, 12), ("a", 11, 7), (None, 14, 4)]
     requests = [GenerationRequest(prompt_of(loaded, n, i), greedy(new), adapter=name)
@@ -116,7 +116,7 @@ def test_mixed_adapter_batch_matches_each_sequence_alone(loaded, registry, tmp_p
         assert [e.token_id for e in events] == res.token_ids
         assert "".join(e.text for e in events) == res.text
         assert res.text == loaded.tokenizer.decode(res.token_ids)
-    assert engine.stats().kv_slots_used == 0 and registry.stats().pinned_count == 0
+    assert engine.stats().kv_blocks_used == 0 and registry.stats().pinned_count == 0
     # Adapters do change the output (the comparison above is not vacuous).
     assert results[0].token_ids != reference_greedy(model, requests[0].prompt_ids, None, 6)[0]
 
@@ -186,18 +186,18 @@ def test_eos_and_stop_token_ids_finish(loaded):
     assert res.finish_reason == "eos_token" and res.token_ids[-1] == eos
 
 
-def test_cancellation_frees_the_slot_within_one_step(loaded, registry, tmp_path):
+def test_cancellation_frees_the_blocks_within_one_step(loaded, registry, tmp_path):
     upload(registry, loaded, tmp_path, "a", random_adapter(loaded.model, 6))
     engine = Engine(loaded, registry, EngineConfig(max_batch=1, max_tokens_per_step=8))
     running = engine.submit(GenerationRequest(prompt_of(loaded, 5, 0), greedy(50), adapter="a"))
     queued = engine.submit(GenerationRequest(prompt_of(loaded, 5, 1), greedy(50), adapter="a"))
     for _ in range(3):
         engine.step()
-    assert engine.stats().kv_slots_used == 1 and engine.stats().waiting == 1
+    assert engine.stats().running == 1 and engine.stats().kv_blocks_used == 1 and engine.stats().waiting == 1
     running.cancel()
     queued.cancel()
     engine.step()
-    assert engine.stats().kv_slots_used == 0 and engine.stats().waiting == 0
+    assert engine.stats().kv_blocks_used == 0 and engine.stats().waiting == 0
     assert running.wait(0).finish_reason == "cancelled" and 0 < len(running.wait(0).token_ids) < 50
     assert queued.wait(0).finish_reason == "cancelled" and queued.wait(0).token_ids == []
     assert registry.stats().pinned_count == 0
@@ -268,7 +268,7 @@ def test_kv_cache_is_reused_over_1000_short_requests(loaded, registry, tmp_path)
     assert engine.cache.k is k and engine.cache.v is v and (k.data_ptr(), v.data_ptr()) == pointers
     assert max(peak) <= 8
     stats = engine.stats()
-    assert stats.kv_slots_used == 0 and stats.running == 0 and stats.waiting == 0
+    assert stats.kv_blocks_used == 0 and stats.running == 0 and stats.waiting == 0
     assert stats.requests_finished_total == 1000 and stats.tokens_generated_total == 2000
     assert registry.stats().pinned_count == 0
 
@@ -297,40 +297,70 @@ def test_async_streaming_generate_and_shutdown(loaded):
 
 
 
-def test_scheduler_budget_chunks_and_compact_slots():
-    sched = Scheduler(max_batch=3, max_tokens_per_step=10, max_queue=2)
-    seqs = [Sequence(list(range(n)), n) for n in (4, 25, 3, 2)]
+def test_scheduler_budget_chunks_and_admission_by_blocks():
+    sched = Scheduler(max_batch=3, max_tokens_per_step=10, max_queue=2, n_blocks=16, block_size=4)
+    seqs = [Sequence(list(range(100 * k, 100 * k + n)), n) for k, n in enumerate((4, 25, 3, 2))]
     sched.add(seqs[0])
     sched.add(seqs[1])
     with pytest.raises(EngineOverloadedError):
         sched.add(seqs[2])
-    sched.admit()
+    sched.schedule()
     sched.add(seqs[2])
     sched.add(seqs[3])
-    sched.admit()                                   # only one slot left: seqs[3] keeps waiting
-    assert [s.slot for s in seqs] == [0, 1, 2, -1]
-    plan = sched.plan()
+    plan = sched.schedule()                         # only one row left: seqs[3] keeps waiting
+    assert sched.running == seqs[:3] and list(sched.waiting) == [seqs[3]]
+    # Blocks for each whole prompt (1 + 7 + 1 of 4 tokens).
+    assert [len(s.block_table) for s in seqs] == [1, 7, 1, 0] and sched.blocks_used == 9
     # Rows × chunk width ≤ 10; most prompts completed, then most real tokens: 3 rows of
     # width 3 complete one prompt (seqs[2]) with 9 tokens, like 1 row of 4 (4 tokens) and
     # 2 rows of width 5 (4 + 5 tokens, completes seqs[0]) — the latter wins on tokens.
-    assert plan.decode == [] and [(s.slot, n) for s, n in plan.prefill] == [(0, 4), (1, 5)]
-    seqs[0].n_cached, seqs[1].n_cached = 4, 5
-    plan = sched.plan()
-    # Width 4 completes seqs[2]'s prompt (its first token comes next step); width 9 would not.
-    assert plan.decode == [seqs[0]] and [(s.slot, n) for s, n in plan.prefill] == [(1, 4), (2, 3)]
-    seqs[1].n_cached, seqs[2].n_cached = 9, 3
-    move = sched.remove(seqs[0])                    # the last slot's sequence fills the hole
-    assert (move.seq, move.src, move.dst) == (seqs[2], 2, 0) and seqs[2].slot == 0
-    assert [s.slot for s in sched.running] == [0, 1] and sched.admit() == [seqs[3]] and seqs[3].slot == 2
-    assert sched.remove(seqs[3]) is None and sched.free_slots == 1
+    assert plan.decode == [] and [(s, n) for s, n in plan.prefill] == [(seqs[0], 4), (seqs[1], 5)]
+    sched.cached(seqs[0], 4)
+    sched.cached(seqs[1], 5)
+    seqs[0].token_ids.append(7)                     # its first generated token
+    plan = sched.schedule()
+    # seqs[0] decodes position 4: it gets a second block. Width 4 completes seqs[2]'s prompt.
+    assert plan.decode == [seqs[0]] and len(seqs[0].block_table) == 2
+    assert [(s, n) for s, n in plan.prefill] == [(seqs[1], 4), (seqs[2], 3)]
+    sched.remove(seqs[0])
+    assert sched.blocks_used == 8 and not seqs[0].running
+    assert sched.schedule().admitted == [seqs[3]]
     # A short leftover does not shrink the other rows' chunks to its size.
-    sched = Scheduler(max_batch=3, max_tokens_per_step=100, max_queue=3)
-    rows = [Sequence(list(range(n)), n) for n in (50, 40, 40)]
-    rows[0].n_cached = 48
+    sched = Scheduler(max_batch=3, max_tokens_per_step=100, max_queue=3, n_blocks=64, block_size=16)
+    rows = [Sequence(list(range(100 * k, 100 * k + n)), n) for k, n in enumerate((50, 40, 40))]
     for seq in rows:
         sched.add(seq)
-    sched.admit()
-    assert [n for _, n in sched.plan().prefill] == [2, 40]
+    sched.schedule()
+    sched.cached(rows[0], 48)
+    assert [n for _, n in sched.schedule().prefill] == [2, 40]
+
+
+def test_scheduler_preempts_the_newest_and_resumes_it_with_its_tokens():
+    sched = Scheduler(max_batch=4, max_tokens_per_step=64, max_queue=4, n_blocks=4, block_size=4,
+                      prefix_caching=False)
+    old, new = Sequence([1, 2, 3, 4, 5], 5), Sequence([6, 7, 8], 3)
+    sched.add(old)
+    sched.add(new)
+    plan = sched.schedule()
+    assert plan.admitted == [old, new] and sched.blocks_used == 3
+    for seq, n in plan.prefill:
+        sched.cached(seq, n)
+        seq.token_ids.append(9)
+    # Both decode three tokens; on the way `new` takes the last free block (position 4)...
+    for _ in range(3):
+        plan = sched.schedule()
+        assert plan.decode == [old, new]
+        for seq in plan.decode:
+            sched.cached(seq, 1)
+            seq.token_ids.append(9)
+    # ...and at position 8 old needs a fifth block: the newest is preempted for it.
+    plan = sched.schedule()
+    assert plan.preempted == [new] and plan.decode == [old] and list(sched.waiting) == [new]
+    assert new.block_table == [] and new.n_cached == 0 and len(new.token_ids) == 7
+    sched.remove(old)
+    plan = sched.schedule()
+    # It resumes by recomputing everything it had, generated tokens included.
+    assert plan.admitted == [new] and plan.prefill == [(new, 7)] and new.prefill_len == 7
 
 
 def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
@@ -344,12 +374,17 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
     assert report["roofline"]["compute_tok_s"] > 0 and report["machine"]["copy_gb_s"] > 0
     assert engine["constrained_tok_s"] > 0
     assert set(report["ratios"]) == {"a_over_b", "h_over_b", "a_over_c", "a_over_d", "a_over_compute_roofline",
-                                     "e_over_bandwidth_roofline", "e_over_transformers_batch1"}
+                                     "e_over_bandwidth_roofline", "e_over_transformers_batch1",
+                                     "n_prefix_cache_ttft_speedup"}
     kinds = report["kinds"]
     assert kinds["lora_tok_s"] > 0 and kinds["mixed_tok_s"] > 0 and kinds["peft_lora_tok_s"] > 0
     assert set(kinds["cold_load_ms"]) == {"llama-adapter", "lora", "prefix-tuning"}
+    assert [row["requests"] for row in report["concurrency"]] == [2, 4]
+    assert all(row["tok_s"] > 0 and 0 < row["kv_used_peak_bytes"] <= row["kv_reserved_bytes"]
+               for row in report["concurrency"])
+    assert report["prefix_cache"]["ttft_p50_s"] > 0
     table = format_table(report)
-    assert all(f"({row})" in table for row in "abcdefghijkl")
+    assert all(f"({row})" in table for row in "abcdefghijklmn")
 
 
 def test_generate_cli_json_with_and_without_adapter(tiny_model_dir, tmp_path, capsys):

@@ -44,7 +44,8 @@ def test_a_sampling_failure_fails_only_its_request(loaded):
     good = engine.submit(GenerationRequest(prompt_of(loaded, 5, 1), params))
     doomed = engine.submit(GenerationRequest(prompt_of(loaded, 6, 2), params))
     # A fault in one row's preparation (a bias beyond the vocabulary, which submit() refuses).
-    doomed._seq.payload.sampler.bias = (torch.tensor([10 ** 6]), torch.tensor([1.0]))
+    seq = next(s for s in engine.scheduler.waiting if s.payload.handle is doomed)
+    seq.payload.sampler.bias = (torch.tensor([10 ** 6]), torch.tensor([1.0]))
     for _ in range(50):
         if good.done and doomed.done:
             break

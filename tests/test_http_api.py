@@ -275,7 +275,7 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot(server, path, body):
     server.wait_idle()
     stats = server.engine.stats()
     assert stats.requests_cancelled_total == cancelled_before + 1
-    assert stats.kv_slots_used == 0
+    assert stats.kv_blocks_used == 0
     assert server.metric("adapter_server_requests_total", adapter=adapter, endpoint=endpoint,
                          status="499") == gone_before + 1
 
@@ -289,7 +289,8 @@ def test_metrics(server, oai):
     assert m("adapter_server_generated_tokens_total", adapter="alpha") >= 2
     assert m("adapter_server_requests_total", adapter="(unknown)", endpoint="chat_completions", status="404") >= 1
     assert m("adapter_server_queue_depth") == 0 and m("adapter_server_running_requests") == 0
-    assert m("adapter_server_kv_cache_slots_total") == 4
+    assert m("adapter_server_kv_cache_blocks_total") == 8 * 256 // 16     # 8 sequences of max_seq_len
+    assert m("adapter_server_kv_cache_blocks_used") == 0
     assert m("adapter_server_adapters_resident") == 2
     assert m("adapter_server_adapter_loads_total") >= 2
 

@@ -187,5 +187,5 @@ def test_streaming_load(served):
     assert len(dropped) == REQUESTS // DISCONNECT_EVERY
     assert all(o.complete for o in finished)
     assert 0 < cancelled <= len(dropped)
-    assert _metric_sum(after, "adapter_server_kv_cache_slots_used") == 0
+    assert _metric_sum(after, "adapter_server_kv_cache_blocks_used") == 0
     assert rss_after - rss_before < RSS_GROWTH_LIMIT

@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_tiny_model
 from model.adapter import AdapterBatch, AdapterWeights, compute_adapter_kv
-from model.kv_cache import KVCache
+from model.kv_cache import PagedKVCache
 from model.packed_linear import OneDNNLinear, packing_available
 from training.model import freeze
 
@@ -36,8 +36,8 @@ def _adapters(model, seed):
 def _decode_logits(model, adapter_weights):
     """Prefill 3 rows (two with adapters) through a KV cache, then 4 decode steps → logits."""
     cfg = model.config
-    cache = KVCache.for_model(model, 3, 32)
-    slots = torch.arange(3)
+    cache = PagedKVCache.for_model(model, 6, 16)
+    slots = torch.tensor([[4, 1], [0, 5], [3, 2]])     # block tables, scattered on purpose
     kvs = [compute_adapter_kv(model, w) if w is not None else None for w in adapter_weights]
     adapters = AdapterBatch.build(kvs, cfg.n_layers)
     g = torch.Generator().manual_seed(1)

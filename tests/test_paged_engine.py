@@ -1,0 +1,240 @@
+"""The engine over its paged KV cache: block boundaries, preemption, prefix caching with
+adapters, prompt logprobs, error isolation, and no leaked block over thousands of requests."""
+
+import collections
+import ctypes
+import gc
+import random
+import resource
+
+import pytest
+import torch
+
+from server.engine import Engine
+from server.sampling import RowSampler
+from server.types import EngineConfig, GenerationRequest, InvalidRequestError, SamplingParams
+from test_engine import (greedy, loaded, prompt_of, random_adapter, reference_greedy, registry,  # noqa: F401
+                         run_until_done, upload)
+
+LOGPROB_TOL = 1e-5      # float32, paged cache against full recomputation
+
+
+def block_bytes(loaded, blocks: int) -> int:
+    cfg = loaded.config
+    return blocks * 2 * cfg.n_layers * cfg.n_kv_heads * 16 * cfg.head_dim * 4
+
+
+def assert_matches_reference(model, requests, results, weights):
+    for req, res in zip(requests, results):
+        tokens, logprobs = reference_greedy(model, req.prompt_ids, weights.get(req.adapter),
+                                            req.params.max_new_tokens)
+        assert res.token_ids == tokens
+        assert res.logprobs == pytest.approx(logprobs, abs=LOGPROB_TOL)
+
+
+def test_paged_cache_with_preemption_and_prefix_hits_equals_full_recomputation(loaded, registry, tmp_path):
+    model = loaded.model
+    weights = {"a": random_adapter(model, 1), "b": random_adapter(model, 2, per_head=True),
+               "c": random_adapter(model, 3, layers=(0, 2), k_len=7)}
+    for name, w in weights.items():
+        upload(registry, loaded, tmp_path, name, w)
+    # 12 blocks of 16 tokens for 9 sequences that grow across block boundaries: the engine has
+    # to preempt and resume, and the repeated prompts hit the prefix cache.
+    engine = Engine(loaded, registry, EngineConfig(max_batch=6, max_tokens_per_step=40, max_seq_len=128,
+                                                   kv_cache_memory=block_bytes(loaded, 12)))
+    shared = prompt_of(loaded, 35, 0)
+    jobs = [("a", shared, 30), (None, shared, 20), ("b", prompt_of(loaded, 17, 1), 40),
+            ("a", shared + [7, 8], 25), (None, prompt_of(loaded, 5, 2), 45), ("c", shared, 18),
+            (None, shared, 12), ("a", shared, 16), ("b", prompt_of(loaded, 31, 3), 33)]
+    requests = [GenerationRequest(list(p), greedy(n), adapter=name) for name, p, n in jobs]
+    handles = [engine.submit(r) for r in requests[:5]]
+    for _ in range(6):
+        engine.step()
+    handles += [engine.submit(r) for r in requests[5:]]
+    results = run_until_done(engine, handles, max_steps=3000)
+    assert_matches_reference(model, requests, results, weights)
+    stats = engine.stats()
+    assert stats.preemptions_total > 0
+    assert stats.prefix_cache_hits["a"] >= 32     # the shared prompt (resumes hit their own blocks too)
+    assert stats.kv_blocks_used == 0 and engine.scheduler.blocks.all_free()
+    assert registry.stats().pinned_count == 0
+
+
+def test_prefix_blocks_are_never_shared_across_adapters_or_versions(loaded, registry, tmp_path):
+    model = loaded.model
+    a1, a2, b = random_adapter(model, 4), random_adapter(model, 5), random_adapter(model, 6)
+    upload(registry, loaded, tmp_path, "a", a1)
+    upload(registry, loaded, tmp_path, "b", b)
+    engine = Engine(loaded, registry, EngineConfig(max_batch=4, max_tokens_per_step=64, max_seq_len=128))
+    prompt = prompt_of(loaded, 40, 7)      # two full blocks to share
+
+    def run(adapter):
+        res = run_until_done(engine, [engine.submit(GenerationRequest(prompt, greedy(6), adapter=adapter))])[0]
+        return res, engine.stats().prefix_cache_hits
+
+    first_a, hits = run("a")
+    assert hits.get("a", 0) == 0 and first_a.token_ids == reference_greedy(model, prompt, a1, 6)[0]
+    again_a, hits = run("a")
+    assert hits["a"] == 32 and again_a.token_ids == first_a.token_ids          # A's blocks, reused by A
+    for adapter, w in ((None, None), ("b", b)):
+        res, hits = run(adapter)
+        assert hits.get(adapter, 0) == 0                                           # never A's blocks
+        assert res.token_ids == reference_greedy(model, prompt, w, 6)[0]
+    upload(registry, loaded, tmp_path, "a", a2)                                    # replace A: a@2
+    replaced, hits = run("a")
+    assert replaced.adapter_ref == "a@2" and hits["a"] == 32                       # no new hit
+    assert replaced.token_ids == reference_greedy(model, prompt, a2, 6)[0] != first_a.token_ids
+    pinned_old, hits = run("a@1")                                                  # a@1's blocks are still a@1's
+    assert hits["a"] == 64 and pinned_old.token_ids == first_a.token_ids
+    off = Engine(loaded, registry, EngineConfig(max_batch=4, max_tokens_per_step=64, max_seq_len=128,
+                                                prefix_caching=False))
+    for _ in range(2):
+        run_until_done(off, [off.submit(GenerationRequest(prompt, greedy(2), adapter="a"))])
+    assert off.stats().prefix_cache_hits == {}
+
+
+def test_prompt_logprobs_with_no_new_tokens_come_from_the_prefill(loaded, registry, tmp_path):
+    model = loaded.model
+    w = random_adapter(model, 8)
+    upload(registry, loaded, tmp_path, "a", w)
+    engine = Engine(loaded, registry, EngineConfig(max_batch=4, max_tokens_per_step=16, max_seq_len=128))
+    prompt = prompt_of(loaded, 37, 9)
+    warm = engine.submit(GenerationRequest(prompt, greedy(1), adapter="a"))   # fills the prefix cache
+    run_until_done(engine, [warm])
+    handles = [engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True,
+                                                                      prompt_logprobs=3), adapter="a"))
+               for n in (0, 2)]
+    only_prompt, with_tokens = run_until_done(engine, handles)
+    from model.adapter import AdapterBatch, compute_adapter_kv
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt]), adapters=AdapterBatch.build(
+            [compute_adapter_kv(model, w)], model.config.n_layers))[0], -1)
+    assert only_prompt.finish_reason == "length" and only_prompt.token_ids == [] and only_prompt.text == ""
+    for res in (only_prompt, with_tokens):
+        assert res.prompt_logprobs[0] == (None, [])
+        assert len(res.prompt_logprobs) == len(prompt)
+        for pos in range(1, len(prompt)):
+            lp, top = res.prompt_logprobs[pos]
+            assert lp == pytest.approx(float(ref[pos - 1, prompt[pos]]), abs=LOGPROB_TOL)
+            vals, ids = torch.topk(ref[pos - 1], 3)
+            assert [t for t, _ in top] == ids.tolist()
+    assert len(with_tokens.token_ids) == 2
+    with pytest.raises(InvalidRequestError, match="max_new_tokens"):
+        engine.submit(GenerationRequest(prompt, greedy(0)))       # 0 new tokens only with prompt logprobs
+
+
+def test_a_prompt_longer_than_the_cache_is_refused_at_submit(loaded):
+    engine = Engine(loaded, None, EngineConfig(max_batch=2, max_tokens_per_step=8, max_seq_len=512,
+                                               kv_cache_memory=block_bytes(loaded, 4)))
+    with pytest.raises(InvalidRequestError) as e:
+        engine.submit(GenerationRequest(prompt_of(loaded, 70, 0), greedy(1)))
+    assert e.value.field == "prompt" and "KV cache (64 tokens)" in str(e.value)
+    with pytest.raises(InvalidRequestError) as e:
+        engine.submit(GenerationRequest(prompt_of(loaded, 60, 0), greedy(10)))
+    assert e.value.field == "max_new_tokens"
+    with pytest.raises(ValueError, match="holds no KV-cache block"):
+        Engine(loaded, None, EngineConfig(kv_cache_memory=1000))
+
+
+def test_a_poisoned_row_fails_only_its_own_request(loaded, registry, tmp_path, monkeypatch):
+    upload(registry, loaded, tmp_path, "a", random_adapter(loaded.model, 10))
+    adjust = RowSampler.adjust
+
+    def poisoned(self, logits):
+        if self.params.seed == 666:
+            raise RuntimeError("poisoned sampler")
+        return adjust(self, logits)
+
+    monkeypatch.setattr(RowSampler, "adjust", poisoned)
+    engine = Engine(loaded, registry, EngineConfig(max_batch=4, max_tokens_per_step=32))
+    params = [SamplingParams(max_new_tokens=6, temperature=0.7, seed=s, ignore_eos=True) for s in (1, 666, 2)]
+    handles = [engine.submit(GenerationRequest(prompt_of(loaded, 9, i), p, adapter="a" if i else None))
+               for i, p in enumerate(params)]
+    for _ in range(50):
+        if all(h.done for h in handles):
+            break
+        engine.step()
+    good = [handles[0].wait(0), handles[2].wait(0)]
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 6 for r in good)
+    with pytest.raises(Exception, match="poisoned sampler"):
+        handles[1].wait(0)
+    assert engine.stats().kv_blocks_used == 0 and registry.stats().pinned_count == 0
+
+
+def _rss_bytes() -> int:
+    """Resident bytes of live memory: garbage collected, freed heap returned to the system."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@pytest.fixture
+def one_thread():
+    """Thousands of tiny steps: one torch thread skips a parallel region's wake-ups per op
+    (over 10× faster on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_thousands_of_random_requests_return_every_block(loaded, registry, tmp_path, one_thread):
+    upload(registry, loaded, tmp_path, "a", random_adapter(loaded.model, 11))
+    upload(registry, loaded, tmp_path, "b", random_adapter(loaded.model, 12, k_len=9))
+    # A small cache (24 blocks) for up to 16 rows: preemption is routine.
+    engine = Engine(loaded, registry, EngineConfig(max_batch=16, max_queue=64, max_tokens_per_step=96,
+                                                   max_seq_len=96, kv_cache_memory=block_bytes(loaded, 24)))
+    reasons: dict[str, int] = {}
+    engine.add_completion_callback(lambda r: reasons.__setitem__(r.finish_reason, reasons.get(r.finish_reason, 0) + 1))
+    recent = collections.deque(maxlen=20)      # nothing else keeps a request alive
+    rss = []
+    # The same 2,500 random requests twice: the first round meets every tensor shape (torch's
+    # and oneDNN's per-shape caches fill up), so the second must not grow at all.
+    for _ in range(2):
+        rng = random.Random(0)
+        for i in range(2500):
+            n = rng.randint(1, 40)
+            shared = [3] * 16 if rng.random() < 0.3 else []     # some prompts share a first block
+            params = SamplingParams(max_new_tokens=rng.randint(1, 4), temperature=rng.choice([0, 0.9]),
+                                    seed=i, ignore_eos=True)
+            recent.append(engine.submit(GenerationRequest(shared + prompt_of(loaded, n, i), params,
+                                                          adapter=rng.choice([None, "a", "b"]))))
+            if rng.random() < 0.1:
+                rng.choice(recent).cancel()
+            while engine.stats().waiting >= 32:
+                engine.step()
+        while engine._has_work():
+            engine.step()
+        rss.append(_rss_bytes())
+    stats = engine.stats()
+    assert stats.preemptions_total > 0 and stats.requests_cancelled_total > 0
+    assert stats.requests_finished_total == 5000 == reasons["length"] + reasons["cancelled"]
+    assert engine.scheduler.blocks.all_free() and stats.kv_blocks_used == 0
+    assert stats.running == 0 and stats.waiting == 0 and registry.stats().pinned_count == 0
+    assert rss[1] - rss[0] < 2 << 20           # flat: under 1 KiB per request
+
+
+def test_a_burst_sharing_a_prompt_waits_for_its_blocks_instead_of_recomputing_them(loaded):
+    engine = Engine(loaded, None, EngineConfig(max_batch=8, max_tokens_per_step=64, max_seq_len=128))
+    prompt = prompt_of(loaded, 40, 13)         # two full blocks
+    requests = [GenerationRequest(prompt + [5 + i], greedy(3)) for i in range(4)]
+    handles = [engine.submit(r) for r in requests]
+    engine.step()
+    assert engine.stats().running == 1        # the others wait for the first one's blocks
+    results = run_until_done(engine, handles)
+    stats = engine.stats()
+    assert stats.prefix_cache_hits[None] == 3 * 32 and stats.prompt_tokens_total == 41 + 3 * 9
+    assert_matches_reference(loaded.model, requests, results, {})
+
+
+def test_kv_cache_memory_flag_takes_bytes_with_units_or_a_fraction():
+    import argparse
+
+    from server.serve import memory_size
+
+    assert memory_size("2GiB") == 2 << 30 and memory_size("512MB") == 512 * 10**6
+    assert memory_size("1.5gib") == 3 << 29 and memory_size("4096") == 4096 and memory_size("0.8") == 0.8
+    for bad in ("lots", "2XB", "0", "-1GiB"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            memory_size(bad)
