@@ -66,7 +66,8 @@ class Attention(nn.Module):
         if ctx.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
         else:
-            keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.write_slots, k, v, ctx.read_slots)
+            keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.write_slots, k, v, ctx.read_blocks,
+                                                    ctx.read_len)
             # Query heads that share a KV head are folded into the query axis (ctx.mask repeats
             # per head): one product per KV head, no expanded copy of the cached keys/values.
             folded = q.reshape(b, self.n_kv_heads, -1, self.head_dim)
@@ -114,19 +115,22 @@ class _StepContext:
     def __init__(self, cache: PagedKVCache | None, block_tables: torch.Tensor | None,
                  positions: torch.Tensor, heads_per_kv: int, read_len: int | None):
         self.cache = cache
-        self.write_slots = self.read_slots = self.mask = None
+        self.write_slots = self.read_blocks = self.mask = None
+        self.read_len = 0
         if cache is None:
             return
         if block_tables is None:
             raise ValueError("a KV cache needs the block table of every sequence")
         bs = cache.block_size
         self.write_slots = slots_for(block_tables, positions, bs).reshape(-1)
-        # Each row reads its slots 0..read_len-1 (beyond its table: the scratch block, masked).
-        # A fixed read_len keeps the step free of host synchronisation (CUDA graphs).
+        # Each row reads its positions 0..read_len-1 from the blocks that hold them (entries past
+        # its own blocks name the scratch block; masked). A fixed read_len keeps the step free of
+        # host synchronisation (CUDA graphs).
         if read_len is None:
             read_len = int(positions.max()) + 1
+        self.read_len = read_len
+        self.read_blocks = block_tables[:, :-(-read_len // bs)]
         key_pos = torch.arange(read_len, device=positions.device)
-        self.read_slots = slots_for(block_tables, key_pos.expand(positions.shape[0], -1), bs)
         visible = key_pos[None, None, None, :] <= positions[:, None, :, None]     # [B,1,T,L]
         # Additive (SDPA's CPU kernel runs faster on it than on a bool mask), repeated for
         # the query heads folded onto each KV head: [B, 1, heads_per_kv·T, L].
