@@ -79,7 +79,8 @@ class Attention(nn.Module):
             keys, values = prefix.prepend(self.layer_idx, k, v)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=True)
         else:
-            keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.write_slots, k, v, ctx.read_slots)
+            keys, values = ctx.cache.write_and_read(self.layer_idx, ctx.write_slots, k, v, ctx.read_blocks,
+                                                    ctx.read_len)
             if prefix is not None:
                 keys, values = prefix.prepend(self.layer_idx, keys, values)
             # Query heads that share a KV head are folded into the query axis (ctx.mask repeats
@@ -136,18 +137,21 @@ class _StepContext:
                  positions: torch.Tensor, heads_per_kv: int, read_len: int | None,
                  adapters: BatchAdapters | None, dtype: torch.dtype):
         self.cache = cache
-        self.write_slots = self.read_slots = self.mask = None
+        self.write_slots = self.read_blocks = self.mask = None
+        self.read_len = 0
         if cache is not None:
             if block_tables is None:
                 raise ValueError("a KV cache needs the block table of every sequence")
             bs = cache.block_size
             self.write_slots = slots_for(block_tables, positions, bs).reshape(-1)
-            # Each row reads its slots 0..read_len-1 (beyond its table: the scratch block, masked).
-            # A fixed read_len keeps the step free of host synchronisation (CUDA graphs).
+            # Each row reads its positions 0..read_len-1 from the blocks that hold them (entries past
+            # its own blocks name the scratch block; masked). A fixed read_len keeps the step free of
+            # host synchronisation (CUDA graphs).
             if read_len is None:
                 read_len = int(positions.max()) + 1
+            self.read_len = read_len
+            self.read_blocks = block_tables[:, :-(-read_len // bs)]
             key_pos = torch.arange(read_len, device=positions.device)
-            self.read_slots = slots_for(block_tables, key_pos.expand(positions.shape[0], -1), bs)
             visible = key_pos[None, None, None, :] <= positions[:, None, :, None]     # [B,1,T,L]
             # Additive (SDPA's CPU kernel runs faster on it than on a bool mask), repeated for
             # the query heads folded onto each KV head: [B, 1, heads_per_kv·T, L].
