@@ -126,7 +126,7 @@ def _store_state(server) -> tuple[dict, set[str], list[str]]:
 
 def test_storage_faults_at_every_write_of_upload_and_delete(tiny_loaded, tmp_path, monkeypatch):
     with live_server(tiny_loaded, tmp_path / "store") as s:
-        data = adapter_bytes(tiny_loaded.model, random_adapter(tiny_loaded.model, seed=3))
+        data = adapter_bytes(tiny_loaded.model, random_adapter(tiny_loaded.model, seed=3), tiny_loaded.fingerprint)
         with s.admin() as c:
             def upload(name):
                 return c.put(f"/admin/adapters/{name}", files={"file": ("a.safetensors", data)})

@@ -93,6 +93,28 @@ def test_prefix_blocks_are_never_shared_across_adapters_or_versions(loaded, regi
     assert off.stats().prefix_cache_hits == {}
 
 
+def test_prefix_blocks_are_keyed_by_the_exact_composition_and_its_weights(loaded, registry, tmp_path):
+    upload(registry, loaded, tmp_path, "a", random_adapter(loaded.model, 4))
+    upload(registry, loaded, tmp_path, "b", random_adapter(loaded.model, 5))
+    engine = Engine(loaded, registry, EngineConfig(max_batch=4, max_tokens_per_step=64, max_seq_len=128))
+    prompt = prompt_of(loaded, 40, 8)      # two full blocks to share
+
+    def run(adapter):
+        res = run_until_done(engine, [engine.submit(GenerationRequest(prompt, greedy(4), adapter=adapter))])[0]
+        return res, engine.stats().prefix_cache_hits.get("a+b", 0)
+
+    first, hits = run("a:0.5+b")
+    assert hits == 0
+    again, hits = run("a:0.5+b")
+    assert hits == 32 and again.token_ids == first.token_ids       # the same composition reuses its blocks
+    other, hits = run("a:0.25+b")
+    assert hits == 32                                               # other weights: other K/V, no hit
+    fresh = Engine(loaded, registry, EngineConfig(max_batch=4, max_tokens_per_step=64, max_seq_len=128,
+                                                  prefix_caching=False))
+    alone = run_until_done(fresh, [fresh.submit(GenerationRequest(prompt, greedy(4), adapter="a:0.25+b"))])[0]
+    assert other.token_ids == alone.token_ids and other.logprobs == pytest.approx(alone.logprobs, abs=LOGPROB_TOL)
+
+
 def test_prompt_logprobs_with_no_new_tokens_come_from_the_prefill(loaded, registry, tmp_path):
     model = loaded.model
     w = random_adapter(model, 8)
