@@ -112,7 +112,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: to
     temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
     logits = logits / temperature[:, None]
     if any(p.top_k for p in params):
-        logits = keep_top_k(logits, torch.tensor([p.top_k for p in params], device=dev))
+        # A top_k beyond the vocabulary keeps it all (and may not fit an int64 tensor).
+        vocab = logits.shape[-1]
+        logits = keep_top_k(logits, torch.tensor([min(p.top_k, vocab) for p in params], device=dev))
     probs = torch.softmax(logits, dim=-1)
     if any(p.top_p < 1.0 for p in params):
         probs = keep_top_p(probs, torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype))
