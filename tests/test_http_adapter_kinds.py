@@ -34,7 +34,7 @@ def server(tiny_loaded, tmp_path_factory):
                         ("all4", random_lora(model, 4, ("q", "k", "v", "o", "gate", "up", "down"), seed=3)),
                         ("pre", random_prefix(model, 4, seed=4))):
             with s.admin() as c:
-                r = c.put(f"/admin/adapters/{name}", files={"file": ("a.safetensors", adapter_bytes(model, w))})
+                r = c.put(f"/admin/adapters/{name}", files={"file": ("a.safetensors", adapter_bytes(model, w, s.loaded.fingerprint))})
             assert r.status_code == 201 and r.json()["kind"] == ("prefix-tuning" if name == "pre" else "lora"), r.text
         yield s
 
@@ -146,7 +146,7 @@ def test_peft_folder_uploads_as_zip_or_tar(server, peft_lora_dir, tmp_path):
     r = _put(server, "tarred", _tar_gz(prefix_dir), "prefix.tar.gz")
     assert r.status_code == 201 and r.json()["kind"] == "prefix-tuning", r.text
     (imported,) = import_peft(peft_lora_dir, server.loaded.config)
-    server.registry.upload("direct", adapter_bytes(server.loaded.model, imported.weights))
+    server.registry.upload("direct", adapter_bytes(server.loaded.model, imported.weights, server.loaded.fingerprint))
     assert _logprobs(_generate(server, adapter_id="zipped").json()) == \
         _logprobs(_generate(server, adapter_id="direct").json())
 

@@ -183,7 +183,7 @@ def test_metrics_carry_the_tenant_never_the_key(server):
 
 def test_tenant_admin_sees_and_manages_only_its_prefix(server):
     admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY_A_ADMIN}"}, timeout=30)
-    data = adapter_bytes(server.loaded.model, random_adapter(server.loaded.model, seed=7))
+    data = adapter_bytes(server.loaded.model, random_adapter(server.loaded.model, seed=7), server.loaded.fingerprint)
     with admin:
         assert [a["name"] for a in admin.get("/admin/adapters").json()["adapters"]] == ["team-a-x"]
         r = admin.put("/admin/adapters/team-a-new", files={"file": ("a.safetensors", data)})

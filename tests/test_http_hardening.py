@@ -126,7 +126,7 @@ def _store_state(server) -> tuple[dict, set[str], list[str]]:
 
 def test_storage_faults_at_every_write_of_upload_and_delete(tiny_loaded, tmp_path, monkeypatch):
     with live_server(tiny_loaded, tmp_path / "store") as s:
-        data = adapter_bytes(tiny_loaded.model, random_adapter(tiny_loaded.model, seed=3))
+        data = adapter_bytes(tiny_loaded.model, random_adapter(tiny_loaded.model, seed=3), tiny_loaded.fingerprint)
         with s.admin() as c:
             def upload(name):
                 return c.put(f"/admin/adapters/{name}", files={"file": ("a.safetensors", data)})
@@ -334,7 +334,7 @@ def test_adapter_limits_sparse_kv_and_fingerprint(tiny_loaded, tmp_path):
     with live_server(tiny_loaded, tmp_path / "store") as s:
         s.registry.limits = ValidationLimits(max_adapter_len=16, max_kv_bytes=2 * 2 * cfg.n_kv_heads * 12 * cfg.head_dim * 4)
 
-        def put(weights, fingerprint=None, **params):
+        def put(weights, fingerprint=tiny_loaded.fingerprint, **params):
             with s.admin() as c:
                 return c.put("/admin/adapters/lim", params=params,
                              files={"file": ("a", adapter_bytes(model, weights, fingerprint))})

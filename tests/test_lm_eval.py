@@ -78,7 +78,7 @@ def server(tiny_loaded, tiny_model_dir, tmp_path_factory):
     (imported,) = import_peft(peft_dir, tiny_loaded.config)
     with live_server(tiny_loaded, tmp / "store", max_batch=4) as s:
         with s.admin() as c:
-            data = adapter_bytes(tiny_loaded.model, imported.weights)
+            data = adapter_bytes(tiny_loaded.model, imported.weights, tiny_loaded.fingerprint)
             assert c.put("/admin/adapters/peft-mc", files={"file": ("a.safetensors", data)}).status_code == 201
         s.peft_dir = peft_dir
         yield s
