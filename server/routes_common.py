@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import threading
 from contextvars import ContextVar
@@ -28,6 +29,7 @@ from server.schemas_tgi import TGIError
 from server.types import (EngineClosedError, EngineError, EngineOverloadedError, GenerationRequest,
                           GenerationResult, InvalidRequestError, SamplingParams, TokenEvent, check_text)
 
+log = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0   # what OpenAI reports for impossible tokens; JSON has no -inf
 SHUTTING_DOWN = "the server is shutting down"
 
@@ -305,6 +307,35 @@ class EngineEventStream(StreamingResponse):
             await self._body.aclose()
             if self._on_close is not None:
                 self._on_close()
+
+
+def counted_stream(ctx: ServerContext, endpoint: str, label: str, handle, body: AsyncIterator[str],
+                   openai: bool) -> EngineEventStream:
+    """An SSE answer from `body`'s events, counted once in the metrics however it ends: done
+    (200), the client gone (499), or an error, which becomes one last event in the route's
+    error shape (a bug included: the client gets an error event, not a cut connection)."""
+    outcome = {"status": 499}
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for event in body:
+                yield event
+            outcome["status"] = 200
+        except Exception as e:      # noqa: BLE001 — every failure ends the stream with an error event
+            if isinstance(e, (ApiError, EngineError)):
+                err = e if isinstance(e, ApiError) else engine_error(e, ctx.settings)
+            else:
+                log.exception("stream failed")
+                err = ApiError(500, f"internal error: {type(e).__name__}", "generation")
+            outcome["status"] = err.status
+            yield sse(error_body(err, openai=openai))
+        finally:
+            handle.cancel()   # no-op when finished; frees the engine request when the client went away
+
+    def record() -> None:
+        ctx.metrics.observe_request(endpoint, outcome["status"], label)
+
+    return EngineEventStream(events(), on_close=record)
 
 
 class GuardedHandle:

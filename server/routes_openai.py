@@ -16,15 +16,15 @@ from fastapi.responses import JSONResponse
 
 from model.chat_template import ChatTemplateError
 from server.api_keys import may_list
-from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
-                                  encode_prompt, engine_error, error_body, finite_logprob, get_ctx,
+from server.routes_common import (EngineEventStream, ServerContext, counted_answer, counted_stream,
+                                  encode_prompt, engine_error, finite_logprob, get_ctx,
                                   resolve_max_new_tokens, sse, start_counted, submit)
 from server.schemas_openai import (COMPLETIONS_DEFAULT_MAX_TOKENS, AssistantMessage, ChatChoice,
                                    ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs,
                                    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                    ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage,
                                    SamplingFields)
-from server.types import EngineError, GenerationResult, Grammar, InvalidRequestError, SamplingParams
+from server.types import GenerationResult, Grammar, InvalidRequestError, SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -363,43 +363,31 @@ async def _complete(request: Request, ctx: ServerContext, body, endpoint: str):
 
 def _stream(ctx: ServerContext, call: _Call, group: RequestGroup, endpoint: str, label: str) -> EngineEventStream:
     """Streamed choices (best_of = n here) interleave; each chunk carries its choice's index."""
-    outcome = {"status": 499}
 
     async def events() -> AsyncIterator[str]:
-        try:
-            n = len(group.handles)
-            offsets = [len(call.prompts[i // call.samples][0]) if not call.chat and call.body.echo else 0
-                       for i in range(n)]
-            for i in range(n):
-                if call.chat:
-                    yield _dump(call.chunk(i, "", role=True))
-                elif call.body.echo:
-                    yield _dump(call.chunk(i, call.prompts[i // call.samples][0]))
-            results: list[GenerationResult | None] = [None] * n
-            async for i, item in group.events():
-                if isinstance(item, GenerationResult):
-                    results[i] = item
-                    yield _dump(call.chunk(i, "" if not call.chat else None, finish=_finish(item)))
-                    continue
-                visible = [] if item.special else [(item.token_id, item.logprob, item.top_logprobs)]
-                if item.text or (visible and call.want_logprobs):
-                    yield _dump(call.chunk(i, item.text, visible, offset=offsets[i]))
-                    offsets[i] += sum(len(call.token_str(t)) for t, _, _ in visible)
-            if call.include_usage:
-                yield _dump(call.chunk(0, None, usage=call.usage(results), final_usage_chunk=True))
-            outcome["status"] = 200
-            yield "data: [DONE]\n\n"
-        except (ApiError, EngineError) as e:
-            err = e if isinstance(e, ApiError) else engine_error(e, ctx.settings)
-            outcome["status"] = err.status
-            yield sse(error_body(err, openai=True))
-        finally:
-            group.cancel()   # no-op when finished; frees the slots when the client went away
+        n = len(group.handles)
+        offsets = [len(call.prompts[i // call.samples][0]) if not call.chat and call.body.echo else 0
+                   for i in range(n)]
+        for i in range(n):
+            if call.chat:
+                yield _dump(call.chunk(i, "", role=True))
+            elif call.body.echo:
+                yield _dump(call.chunk(i, call.prompts[i // call.samples][0]))
+        results: list[GenerationResult | None] = [None] * n
+        async for i, item in group.events():
+            if isinstance(item, GenerationResult):
+                results[i] = item
+                yield _dump(call.chunk(i, "" if not call.chat else None, finish=_finish(item)))
+                continue
+            visible = [] if item.special else [(item.token_id, item.logprob, item.top_logprobs)]
+            if item.text or (visible and call.want_logprobs):
+                yield _dump(call.chunk(i, item.text, visible, offset=offsets[i]))
+                offsets[i] += sum(len(call.token_str(t)) for t, _, _ in visible)
+        if call.include_usage:
+            yield _dump(call.chunk(0, None, usage=call.usage(results), final_usage_chunk=True))
+        yield "data: [DONE]\n\n"
 
-    def record() -> None:
-        ctx.metrics.observe_request(endpoint, outcome["status"], label)
-
-    return EngineEventStream(events(), on_close=record)
+    return counted_stream(ctx, endpoint, label, group, events(), openai=True)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses={**_SSE, **_ERRORS})

@@ -11,12 +11,12 @@ from fastapi.responses import JSONResponse
 
 from adapters.compose import from_ids_and_weights
 from adapters.validation import AdapterValidationError
-from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer,
-                                  encode_prompt, engine_error, error_body, finite_logprob, get_ctx,
+from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer, counted_stream,
+                                  encode_prompt, engine_error, finite_logprob, get_ctx,
                                   request_label, resolve_max_new_tokens, sse, start_counted, submit)
 from server.schemas_tgi import (AlternativeToken, Details, GenerateResponse, InputToken, StreamDetails,
                                 StreamResponse, TGIError, TGIParameters, TGIRequest, Token)
-from server.types import (EngineError, GenerationResult, Grammar, InvalidRequestError, SamplingParams,
+from server.types import (GenerationResult, Grammar, InvalidRequestError, SamplingParams,
                           TokenEvent)
 
 router = APIRouter(tags=["TGI / LoRAX"])
@@ -219,32 +219,20 @@ async def _generate(request: Request, ctx: ServerContext, body: TGIRequest, endp
 
 async def _stream(ctx: ServerContext, body: TGIRequest, endpoint: str) -> EngineEventStream:
     call, handle, label = await _start(ctx, body, endpoint)
-    outcome = {"status": 499}
 
     async def events() -> AsyncIterator[str]:
         # TGI puts generated_text/details on the last token's event, so each event is held back
         # until the next one (or the end) shows whether it is the last.
-        try:
-            pending: TokenEvent | None = None
-            async for ev in handle:
-                if pending is not None:
-                    yield sse(call.stream_event(pending))
-                pending = ev
-            result = await handle.result()
+        pending: TokenEvent | None = None
+        async for ev in handle:
             if pending is not None:
-                yield sse(call.stream_event(pending, result))
-            outcome["status"] = 200
-        except (ApiError, EngineError) as e:
-            err = e if isinstance(e, ApiError) else engine_error(e, ctx.settings)
-            outcome["status"] = err.status
-            yield sse(error_body(err, openai=False))
-        finally:
-            handle.cancel()   # no-op when finished; frees the slot when the client went away
+                yield sse(call.stream_event(pending))
+            pending = ev
+        result = await handle.result()
+        if pending is not None:
+            yield sse(call.stream_event(pending, result))
 
-    def record() -> None:
-        ctx.metrics.observe_request(endpoint, outcome["status"], label)
-
-    return EngineEventStream(events(), on_close=record)
+    return counted_stream(ctx, endpoint, label, handle, events(), openai=False)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)

@@ -112,7 +112,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: to
     temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
     logits = logits / temperature[:, None]
     if any(p.top_k for p in params):
-        # A top_k beyond the vocabulary keeps it all (and may not fit an int64 tensor).
+        # A top_k past the vocabulary keeps everything (and must not overflow the index type).
         vocab = logits.shape[-1]
         logits = keep_top_k(logits, torch.tensor([min(p.top_k, vocab) for p in params], device=dev))
     probs = torch.softmax(logits, dim=-1)
@@ -152,7 +152,15 @@ def sample_batch(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Sampl
         if drawn:
             uniforms = torch.stack([torch.rand((), generator=samplers[special[j]].generator,
                                                device=logits.device) for j in drawn])
-            picks[drawn] = sample_rows(work[drawn], [samplers[special[j]].params for j in drawn], uniforms)
+            params = [samplers[special[j]].params for j in drawn]
+            try:
+                picks[drawn] = sample_rows(work[drawn], params, uniforms)
+            except Exception:           # noqa: BLE001 — redraw row by row: only the bad row fails
+                for n, j in enumerate(drawn):
+                    try:
+                        picks[j] = sample_rows(work[j:j + 1], params[n:n + 1], uniforms[n:n + 1])[0]
+                    except Exception as e:      # noqa: BLE001
+                        errors[special[j]] = e
         chosen = chosen.clone()
         chosen[special] = picks
     chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0]

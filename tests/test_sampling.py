@@ -177,3 +177,32 @@ def test_grammar_masks_each_constrained_row(tiny_loaded):
     assert all(re.fullmatch(r"(ab|cd)+!", t) for t in texts), texts
     with pytest.raises(InvalidRequestError, match="grammar"):
         compiler.matcher(Grammar("regex", "(unclosed"))
+
+
+def test_a_top_k_past_the_vocabulary_keeps_everything():
+    # Found by the HTTP fuzz test: top_k = 2**70 overflowed the index tensor and failed the batch.
+    torch.manual_seed(5)
+    logits = torch.randn(2, 30)
+    huge = sample_batch(logits, rows([SamplingParams(temperature=0.9, seed=3, top_k=2 ** 70)] * 2))
+    off = sample_batch(logits, rows([SamplingParams(temperature=0.9, seed=3, top_k=0)] * 2))
+    assert [o.token_id for o in huge] == [o.token_id for o in off]
+
+
+def test_a_row_the_batched_draw_cannot_take_fails_alone(monkeypatch):
+    from server import sampling
+
+    real = sampling.sample_rows
+
+    def fails_on_poison(logits, params, uniforms):
+        if any(p.temperature == 1.2345 for p in params):
+            raise RuntimeError("poisoned row")
+        return real(logits, params, uniforms)
+
+    monkeypatch.setattr(sampling, "sample_rows", fails_on_poison)
+    torch.manual_seed(6)
+    logits = torch.randn(3, 30)
+    good = [SamplingParams(temperature=0.9, seed=8), SamplingParams(temperature=0.7, seed=2)]
+    alone = sample_batch(logits[[0, 2]], rows(good))
+    out = sample_batch(logits, rows([good[0], SamplingParams(temperature=1.2345, seed=1), good[1]]))
+    assert isinstance(out[1], RuntimeError)
+    assert [o.token_id for o in (out[0], out[2])] == [o.token_id for o in alone]
