@@ -27,14 +27,17 @@ class PagedKVCache:
         if n_blocks < 1:
             raise ValueError("a KV cache needs at least one block")
         self.n_blocks, self.block_size = n_blocks, block_size
-        # Layout [layer, kv head, slot, head dim]: a gather of one row's slots yields per-head
-        # [L, D] runs, the shape attention wants, without another copy.
-        shape = (n_layers, n_kv_heads, (n_blocks + 1) * block_size, head_dim)
+        # Layout [layer, slot, kv head, head dim]: a block is one contiguous run, so gathering a
+        # row's blocks is a plain index_select, and [B, L, Hkv, D] → [B, Hkv, L, D] is a view
+        # SDPA reads as it is (measured on CPU: ~1.8× faster than gathering a head-major layout,
+        # whose result needs a transposing copy).
+        shape = (n_layers, (n_blocks + 1) * block_size, n_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.k[:, :, n_blocks * block_size:].zero_()        # the scratch block
-        self.v[:, :, n_blocks * block_size:].zero_()
+        self.k[:, n_blocks * block_size:].zero_()        # the scratch block
+        self.v[:, n_blocks * block_size:].zero_()
         self._zeroed_blocks = 0
+        self._gathered: list[torch.Tensor | None] = [None, None]    # see _gather_buffer
         if self.k.device.type != "cpu":     # resident anyway: zero it all now, not mid-step
             self.prepare(n_blocks - 1)
 
@@ -59,7 +62,7 @@ class PagedKVCache:
 
     def nbytes(self) -> int:
         """Bytes reserved (virtual on CPU until blocks are first used), scratch block excluded."""
-        return 2 * self.k[:, :, :self.capacity_tokens].numel() * self.k.element_size()
+        return 2 * self.k[:, :self.capacity_tokens].numel() * self.k.element_size()
 
     def touched_bytes(self) -> int:
         """Bytes of the blocks ever used (what is resident on CPU)."""
@@ -72,27 +75,39 @@ class PagedKVCache:
             return
         bs = self.block_size
         lo, hi = self._zeroed_blocks * bs, (block_id + 1) * bs
-        self.k[:, :, lo:hi].zero_()
-        self.v[:, :, lo:hi].zero_()
+        self.k[:, lo:hi].zero_()
+        self.v[:, lo:hi].zero_()
         self._zeroed_blocks = block_id + 1
 
     def write_and_read(self, layer: int, write_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        read_blocks: torch.Tensor, read_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, Hkv, T, D] at write_slots [B·T], then gather each row's blocks
-        read_blocks [B, nb] → keys/values [B, Hkv, read_len, D] (views of one gathered copy).
-        Whole blocks are gathered, not token slots: on CPU that copy runs ~2× faster."""
+        read_blocks [B, nb] → keys/values [B, Hkv, read_len, D] (views of one gathered copy)."""
         b, hkv, t, d = k.shape
         ck, cv = self.k[layer], self.v[layer]
-        ck.index_copy_(1, write_slots, k.transpose(0, 1).reshape(hkv, b * t, d))
-        cv.index_copy_(1, write_slots, v.transpose(0, 1).reshape(hkv, b * t, d))
+        ck.index_copy_(0, write_slots, k.transpose(1, 2).reshape(b * t, hkv, d))
+        cv.index_copy_(0, write_slots, v.transpose(1, 2).reshape(b * t, hkv, d))
         flat = read_blocks.reshape(-1)
         n = read_blocks.shape[1] * self.block_size
         out = []
-        for cache in (ck, cv):
-            # Advanced indexing: 1.6× faster than index_select along dim 1 on CPU.
-            blocks = cache.view(hkv, -1, self.block_size, d)[:, flat]
-            out.append(blocks.view(hkv, b, n, d).transpose(0, 1)[:, :, :read_len])
+        for which, cache in enumerate((ck, cv)):
+            blocks = cache.view(-1, self.block_size, hkv, d)
+            blocks = torch.index_select(blocks, 0, flat, out=self._gather_buffer(which, flat.numel()))
+            out.append(blocks.view(b, n, hkv, d)[:, :read_len].transpose(1, 2))
         return out[0], out[1]
+
+    def _gather_buffer(self, which: int, n_blocks: int) -> torch.Tensor | None:
+        """On CPU, gathers go into two persistent buffers (keys, values) reused by every layer:
+        a fresh multi-MB tensor per layer costs page faults (measured: the gather ~1.5–2×
+        slower). Each layer's keys/values are consumed before the next layer gathers. On CUDA
+        the caching allocator already reuses memory, and graph capture wants no host-side state."""
+        if self.k.device.type != "cpu":
+            return None
+        buf = self._gathered[which]
+        if buf is None or buf.shape[0] < n_blocks:
+            buf = self.k.new_empty((n_blocks, self.block_size, *self.k.shape[2:]))   # [n, bs, Hkv, D]
+            self._gathered[which] = buf
+        return buf[:n_blocks]
 
 
 def slots_for(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
