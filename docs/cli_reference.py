@@ -79,8 +79,8 @@ def render() -> str:
                 "| argument | default | meaning |",
                 "|---|---|---|---|" if serve else "|---|---|---|"]
         for action in parser._actions:
-            if isinstance(action, argparse._HelpAction):
-                continue
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue    # -h, and old flag names kept only for compatibility
             name = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.metavar or action.dest}`"
             if action.choices and not isinstance(action, argparse._SubParsersAction):
                 name += " " + "\\|".join(str(c) for c in action.choices)

@@ -170,6 +170,8 @@ def register(subparsers) -> None:
          "shared store; 0 = only when a request names an adapter", type=float)
     _add(p, "--shutdown-grace", 30.0, "seconds requests in flight get to finish after SIGTERM/SIGINT "
          "(the rest end with a 503 error)", type=float)
+    # The flag's earlier name, which meant the same; kept so existing scripts keep working.
+    p.add_argument("--shutdown-timeout", dest="shutdown_grace", type=float, help=argparse.SUPPRESS)
     _add(p, "--log-level", "info", "logging level", type=_one_of("debug", "info", "warning", "error"),
          metavar="{debug,info,warning,error}")
     p.set_defaults(func=run)
