@@ -44,6 +44,7 @@ from .grammar import GrammarCompiler
 from .model_runner import ModelRunner
 from .output import OutputProcessor, RequestHandle, RequestState
 from .sampling import RowSampler, SampledRow, sample_batch
+from .visual_prompts import VisualPrompts
 from .scheduler import Scheduler, Sequence, StepPlan, prefix_root
 from .types import (CompletionCallback, EngineClosedError, EngineConfig, EngineError,
                     EngineStats, FinishReason, GenerationRequest, GenerationResult,
@@ -78,9 +79,10 @@ def kv_cache_blocks(config: EngineConfig, model_config, dtype: torch.dtype, devi
 
 
 class Engine:
-    def __init__(self, loaded, registry, config: EngineConfig | None = None):
+    def __init__(self, loaded, registry, config: EngineConfig | None = None, vision=None):
         """`loaded`: a model.loading.LoadedModel (uses .model and .tokenizer); `registry`: an
-        AdapterRegistry (or None to serve the base model only)."""
+        AdapterRegistry (or None to serve the base model only); `vision`: a model.vision.VisionTower
+        for image-conditioned adapters (None: requests with images are refused)."""
         self.config = config or EngineConfig()
         self.config.validate()
         self.model = loaded.model
@@ -106,6 +108,8 @@ class Engine:
         self.output = OutputProcessor(self.tokenizer)
         self.eos_ids = frozenset(self.tokenizer.stop_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+        self.vision = vision
+        self.visual = VisualPrompts(self.model, vision, cfg.image_feature_cache)
         # AdapterKVs already checked to fit the model, by id (entries vanish with the object).
         self._checked_adapters: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
@@ -177,6 +181,7 @@ class Engine:
             if lease is None:
                 lease = self._acquire(request.adapter)
             self._check_prefix_fits(request, lease)
+            self.visual.check(lease.parts if lease is not None else (), request.images, request.adapter)
             return self._enqueue(request, lease)
         except BaseException:
             if lease is not None:
@@ -194,6 +199,8 @@ class Engine:
             kv_blocks_cached=blocks.n_cached_idle, kv_block_size=self.config.block_size,
             kv_cache_bytes=self.cache.nbytes(), preemptions_total=self.scheduler.preemptions_total,
             prefix_cache_queries=dict(self._prefix_queries), prefix_cache_hits=dict(self._prefix_hits),
+            images_encoded_total=self.visual.images_encoded, image_encode_seconds=self.visual.encode_seconds,
+            image_feature_cache_hits=self.visual.cache.hits, image_feature_cache_misses=self.visual.cache.misses,
             **self._counters)
 
     # ---- request intake -------------------------------------------------------------------
@@ -260,8 +267,10 @@ class Engine:
             seed=seed, t_submit=time.perf_counter(),
             prompt_logprobs={} if params.prompt_logprobs is not None else None)
         # What shapes this prompt's K/V: the base model or this exact adapter version (its
-        # content hash too, so a version number reused after a delete cannot alias).
-        seq.prefix_root = _BASE_ROOT if lease is None else prefix_root(_adapter_identity(lease))
+        # content hash too, so a version number reused after a delete cannot alias), and the
+        # image of an image-conditioned adapter (its prompts differ per image).
+        seq.prefix_root = _BASE_ROOT if lease is None else prefix_root(
+            _adapter_identity(lease) + "".join(":image:" + im.sha256 for im in request.images))
         # Prompt logprobs need every prompt position's logits: such a request computes its
         # whole prompt (it still offers its blocks to others).
         seq.takes_prefix_hits = params.prompt_logprobs is None
@@ -328,8 +337,9 @@ class Engine:
             self._prefix_hits[name] = self._prefix_hits.get(name, 0) + seq.prefix_hit_tokens
 
     def _run_plan(self, plan: StepPlan) -> None:
+        failed = self._attach_image_parts([s for s, _ in plan.prefill])
         decode = self._usable(plan.decode)
-        usable = set(self._usable([s for s, _ in plan.prefill]))
+        usable = set(self._usable([s for s, _ in plan.prefill if s not in failed]))
         prefill = [(s, n) for s, n in plan.prefill if s in usable]
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
@@ -373,6 +383,23 @@ class Engine:
             else:
                 done.append(i)
         return logits, done
+
+    def _attach_image_parts(self, rows: list[Sequence]) -> set[Sequence]:
+        """Give every row starting its prefill with an image its per-request adapter K/V (the
+        images of all of them encoded together); returns the rows that failed (alone)."""
+        waiting = [s for s in rows if s.payload.awaiting_image_parts]
+        if not waiting:
+            return set()
+        failed = set()
+        built = self.visual.row_parts([(s.payload.lease.parts, s.payload.request.images) for s in waiting])
+        for seq, parts in zip(waiting, built):
+            if isinstance(parts, Exception):
+                self._fail(seq, EngineError(f"the request's image could not be encoded: "
+                                            f"{type(parts).__name__}: {parts}"))
+                failed.add(seq)
+            else:
+                seq.payload.image_parts = parts
+        return failed
 
     def _usable(self, rows: list[Sequence]) -> list[Sequence]:
         """Rows whose LLaMA-Adapter K/V fit the model; the others fail alone (checked once per

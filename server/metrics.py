@@ -73,6 +73,15 @@ class _LiveStatsCollector(Collector):
         yield queries
         yield hits
         yield CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine forward steps.", s.steps_total)
+        yield CounterMetricFamily(f"{PREFIX}_image_feature_cache_hits", "Images whose vision features came "
+                                  "from the feature cache (no tower forward).", s.image_feature_cache_hits)
+        yield CounterMetricFamily(f"{PREFIX}_image_feature_cache_misses", "Images not in the feature cache "
+                                  "(encoded by the vision tower, unless the image failed).",
+                                  s.image_feature_cache_misses)
+        yield CounterMetricFamily(f"{PREFIX}_images_encoded", "Images run through the vision tower.",
+                                  s.images_encoded_total)
+        yield CounterMetricFamily(f"{PREFIX}_image_encode_seconds", "Time spent preprocessing and encoding "
+                                  "images (on the engine's stepping thread).", s.image_encode_seconds)
         if self._kv_cache_write_failures is not None:
             yield CounterMetricFamily(f"{PREFIX}_adapter_kv_cache_write_failures",
                                       "Adapter K/V cache files that could not be written (the upload "
@@ -118,6 +127,8 @@ class ServerMetrics:
                                      registry=r)
         for reason in ("missing_key", "invalid_key"):   # exposed at 0 from the start, for alerts
             self.auth_rejected.labels("", reason)
+        self.image_failures = Counter(f"{PREFIX}_image_input_failures", "Image inputs refused before "
+                                      "generation (server/images.py), by reason.", ["reason"], registry=r)
         self.admin_operations = Counter(f"{PREFIX}_admin_operations", "Admin API calls.",
                                         ["operation", "status"], registry=r)
         r.register(_LiveStatsCollector(engine_stats, pool_stats, kv_cache_write_failures))

@@ -124,11 +124,20 @@ class RequestState:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # prompt position → (logprob, alternatives); filled by the prefill chunks that predict them
     prompt_logprobs: dict[int, tuple[float, list[tuple[int, float]]]] | None = None
+    # The lease's adapters with each image-conditioned one replaced by its K/V for this request's
+    # image (server/visual_prompts.py); set before the first prefill of a request with images.
+    image_parts: RowAdapters | None = None
 
     @property
     def parts(self) -> RowAdapters:
         """The row's adapters with their weights, as the model takes them (() = the base)."""
+        if self.image_parts is not None:
+            return self.image_parts
         return self.lease.parts if self.lease is not None else ()
+
+    @property
+    def awaiting_image_parts(self) -> bool:
+        return bool(self.request.images) and self.image_parts is None
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -27,7 +27,8 @@ from server.metrics import UNKNOWN_LABEL, ServerMetrics, adapter_label
 from server.schemas_openai import ErrorResponse
 from server.schemas_tgi import TGIError
 from server.types import (EngineClosedError, EngineError, EngineOverloadedError, GenerationRequest,
-                          GenerationResult, InvalidRequestError, SamplingParams, TokenEvent, check_text)
+                          GenerationResult, ImageInput, InvalidRequestError, SamplingParams, TokenEvent,
+                          check_text)
 
 log = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0   # what OpenAI reports for impossible tokens; JSON has no -inf
@@ -46,6 +47,11 @@ class ServerSettings:
     model_id: str | None = None            # OpenAI id of the base model; None = the loaded model's name
     api_keys: tuple[str, ...] = ()         # inference keys (tenant "default", every adapter)
     api_keys_file: str | None = None       # keys file (server/api_keys.py); no keys at all = open inference
+    # Image inputs (server/images.py)
+    max_image_bytes: int = 8 << 20         # one image's encoded bytes
+    max_image_pixels: int = 4096 * 4096    # width × height, read from the header before decoding
+    allow_remote_images: bool = False      # fetch http(s) image URLs (else only data: URLs)
+    remote_image_timeout_s: float = 10.0   # a remote image's whole transfer
 
 
 @dataclass
@@ -153,8 +159,9 @@ def engine_error(e: Exception, settings: ServerSettings, validation_status: int 
         return ApiError(422, str(e), "validation", "adapter")
     if isinstance(e, InvalidRequestError):
         field = (field_names or {}).get(e.field, e.field)
-        # An output grammar (schema, regex) that does not compile is unprocessable on every API.
-        status = 422 if e.field == "grammar" else validation_status
+        # An output grammar that does not compile, or an image the adapter cannot take, is
+        # unprocessable on every API.
+        status = 422 if e.field in ("grammar", "image") else validation_status
         return ApiError(status, f"{field}: {e.message}", "validation", field)
     if isinstance(e, EngineOverloadedError):
         return ApiError(503, f"server overloaded, retry later: {e}", "overloaded",
@@ -231,7 +238,8 @@ def request_label(requested: str | None) -> str:
 
 
 def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, adapter_ref: str | None,
-           validation_status: int = 422, field_names: dict[str, str] | None = None):
+           validation_status: int = 422, field_names: dict[str, str] | None = None,
+           images: tuple[ImageInput, ...] = ()):
     """Validate and enqueue → a GuardedHandle; raise ApiError for anything the caller did wrong
     or overload. Must run on the event loop (the handle's deadline timer lives there). The
     adapter lease start_counted holds, if any, goes to the engine."""
@@ -239,7 +247,8 @@ def submit(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, ad
     lease = pending.pop() if pending else None
     try:
         params.validate()
-        request = GenerationRequest(prompt_ids, params, adapter=adapter_ref, tenant=current_tenant())
+        request = GenerationRequest(prompt_ids, params, adapter=adapter_ref, tenant=current_tenant(),
+                                    images=images)
         with ctx.auth.charging_caller(request.request_id):
             owned, lease = lease, None      # the engine owns it now (and releases it if it refuses)
             return GuardedHandle(ctx, ctx.engine.submit(request, lease=owned))

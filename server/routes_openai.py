@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from model.chat_template import ChatTemplateError
 from server.api_keys import may_list
+from server.images import request_images
 from server.routes_common import (EngineEventStream, ServerContext, counted_answer, counted_stream,
                                   encode_prompt, engine_error, finite_logprob, get_ctx,
                                   resolve_max_new_tokens, sse, start_counted, submit)
@@ -184,8 +185,12 @@ class _Call:
             "prompt": "messages" if chat else "prompt"}
         try:
             _refuse_unsupported(body)
+            self.images = ()
             if chat:
                 self.prompts = [("", self._chat_prompt(body))]
+                # Decoded here, in the worker thread the call is built in (see start_counted).
+                self.images = request_images(ctx, [url for m in body.messages for url in m.image_urls()],
+                                             "messages")
                 self.want_logprobs = body.logprobs
                 top = body.top_logprobs or 0
                 max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -238,7 +243,7 @@ class _Call:
             for (_, ids), params in zip(self.prompts, self.params):
                 for i in range(self.samples):
                     handles.append(submit(self.ctx, ids, dataclasses.replace(params, seed=choice_seed(params.seed, i)),
-                                          self.adapter_ref, 400, self.field_names))
+                                          self.adapter_ref, 400, self.field_names, self.images))
         except BaseException:
             for h in handles:
                 h.cancel()

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from adapters.compose import from_ids_and_weights
 from adapters.validation import AdapterValidationError
+from server.images import request_images, split_markdown_images
 from server.routes_common import (ApiError, EngineEventStream, ServerContext, counted_answer, counted_stream,
                                   encode_prompt, engine_error, finite_logprob, get_ctx,
                                   request_label, resolve_max_new_tokens, sse, start_counted, submit)
@@ -137,7 +138,10 @@ class _Call:
                             "grammar": "response_format" if p.response_format is not None else "grammar"}
         try:
             _refuse_unsupported(p)
-            self.prompt_ids = encode_prompt(ctx, body.inputs)
+            # Markdown images (TGI's form) leave the text: they condition the adapter, not the tokens.
+            text, urls = split_markdown_images(body.inputs)
+            self.images = request_images(ctx, urls, "inputs")
+            self.prompt_ids = encode_prompt(ctx, text)
             if p.truncate is not None:
                 self.prompt_ids = self.prompt_ids[-p.truncate:]
             self.params = _sampling_params(ctx, p, len(self.prompt_ids))
@@ -146,7 +150,8 @@ class _Call:
         self.sampled = self.params.temperature > 0
 
     def submit(self):
-        return submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref, field_names=self.field_names)
+        return submit(self.ctx, self.prompt_ids, self.params, self.adapter_ref, field_names=self.field_names,
+                      images=self.images)
 
     def _finish_reason(self, result: GenerationResult) -> str:
         return _FINISH[result.finish_reason]   # never "cancelled": GuardedHandle.result() raises

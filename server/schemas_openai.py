@@ -8,7 +8,7 @@ ignored, as OpenAI-compatible servers do. Types are strict: `"4"` is not a numbe
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,17 +25,36 @@ class TextContentPart(BaseModel):
     text: str
 
 
+class ImageUrl(BaseModel):
+    url: str = Field(..., description="data:image/png;base64,... (PNG, JPEG, WebP, single-frame GIF); "
+                                      "http(s) only on a server started with --allow-remote-images.")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="Accepted and ignored: the vision model sees every image at its own resolution.")
+
+
+class ImageContentPart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    content: str | list[Annotated[TextContentPart | ImageContentPart, Field(discriminator="type")]] | None = Field(
+        None, description="Text, or content parts: text parts are joined; an image_url part conditions a "
+                          "llama-adapter-visual adapter's prompts and takes no place in the token stream.")
     name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if isinstance(part, TextContentPart))
         return self.content or ""
+
+    def image_urls(self) -> list[str]:
+        if isinstance(self.content, list):
+            return [part.image_url.url for part in self.content if isinstance(part, ImageContentPart)]
+        return []
 
 
 class SamplingFields(BaseModel):

@@ -54,6 +54,21 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+    return value
+
+
+def _byte_count(text: str) -> int:
+    """'8MiB', '500KB', '1000000' → bytes (memory_size without its fraction form)."""
+    value = memory_size(text)
+    if isinstance(value, float):
+        raise argparse.ArgumentTypeError(f"expected bytes like 8MiB or 500KB, got {text!r}")
+    return value
+
+
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     """--api-key flags, else the comma-separated keys of ADAPTER_SERVER_API_KEY."""
     if args.api_key:
@@ -159,6 +174,17 @@ def register(subparsers) -> None:
          "504 (streams: a final error event)", type=_positive(float), shown="no deadline")
     _add(p, "--max-body-mb", 4.0, "largest JSON request body; larger ones get 413", type=_positive(float))
     _add(p, "--max-upload-mb", 64.0, "largest adapter upload; larger ones get 413", type=_positive(float))
+    _add(p, "--max-image-bytes", 8 << 20, "largest image one request may carry (encoded bytes: 8MiB, "
+         "500KB); larger ones get 413. Inline images also count against --max-body-mb", type=_byte_count,
+         shown="8MiB")
+    _add(p, "--max-image-pixels", 4096 * 4096, "most pixels (width × height, read from the image header "
+         "before decoding) an image may have; more get 413", type=_positive(int), shown="16777216 (4096²)")
+    _add(p, "--allow-remote-images", False, "fetch http(s) image URLs (off: only inline data: URLs)",
+         type=_flag_bool, nargs="?", const=True)
+    _add(p, "--remote-image-timeout", 10.0, "seconds a remote image's whole download may take",
+         type=_positive(float))
+    _add(p, "--image-feature-cache", 1024, "images whose vision features stay cached by content hash "
+         "(LRU), so a repeated image skips the vision tower; 0 = off", type=_non_negative_int)
     _add(p, "--pool-max-adapters", 64, "adapter versions kept resident on the device (LRU)",
          type=_positive(int))
     _add(p, "--pool-max-mb", 2048.0, "device memory for resident adapters", type=_positive(float))
@@ -222,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                                  max_tokens_per_step=max(args.max_tokens_per_step, args.max_batch),
                                  max_queue=args.max_queue, compile=args.compile,
                                  kv_cache_memory=args.kv_cache_memory, prefix_caching=not args.no_prefix_cache,
-                                 cuda_graphs=args.cuda_graphs)
+                                 cuda_graphs=args.cuda_graphs, image_feature_cache=args.image_feature_cache)
     engine = Engine(loaded, registry, engine_config)   # steps on this thread (Engine.run_here)
     watcher = StoreWatcher(registry, args.store_poll_interval).start() if args.store_poll_interval > 0 else None
     stats = engine.stats()
@@ -236,7 +262,9 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         default_max_new_tokens=args.default_max_new_tokens, max_new_tokens_limit=args.max_new_tokens_limit,
         request_timeout_s=args.request_timeout, model_id=args.model_id,
-        api_keys=api_keys(args), api_keys_file=args.api_keys_file or None)
+        api_keys=api_keys(args), api_keys_file=args.api_keys_file or None,
+        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        allow_remote_images=args.allow_remote_images, remote_image_timeout_s=args.remote_image_timeout)
     app = create_app(engine, registry, loaded, settings)
     keys = app.state.ctx.auth
     log.info("OpenAI model id %r; admin API %s; listening on http://%s:%d", app.state.ctx.model_id,

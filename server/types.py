@@ -18,7 +18,10 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 FinishReason = Literal["length", "stop", "eos_token", "cancelled"]
 
@@ -142,6 +145,15 @@ def check_text(field: str, text: str) -> None:
                                          f"{text[e.start]!r}") from None
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """An image a request carries (server/images.py builds it): decoded, RGB, within the
+    server's size limits. It conditions a `llama-adapter-visual` adapter's prompts."""
+
+    image: "Image"                      # PIL image, mode RGB
+    sha256: str                         # of the bytes the client sent (feature cache key)
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -149,6 +161,7 @@ class GenerationRequest:
     adapter: str | None = None          # "name" (latest version) or "name@N"; None = base model
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tenant: str | None = None           # the API key's tenant (set by the auth layer; metrics label)
+    images: tuple[ImageInput, ...] = () # only with a llama-adapter-visual adapter (exactly one image)
 
 
 @dataclass(frozen=True)
@@ -201,6 +214,7 @@ class EngineConfig:
     compile: bool = False               # torch.compile the decode forward: for CUDA (on CPU, inductor
                                         # ran the default model's decode ~2× slower than eager)
     cuda_graphs: bool = True            # CUDA: replay the decode step as CUDA graphs (no effect on CPU)
+    image_feature_cache: int = 1024     # images whose vision features stay cached (LRU by content hash); 0 = off
 
     DEFAULT_CPU_SEQUENCES = 8           # the old slot cache's default size, in max_seq_len sequences
     DEFAULT_CUDA_FRACTION = 0.8
@@ -209,6 +223,8 @@ class EngineConfig:
         for name in ("max_batch", "max_seq_len", "max_tokens_per_step", "max_queue", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine config {name} must be ≥ 1")
+        if self.image_feature_cache < 0:
+            raise ValueError("engine config image_feature_cache must be ≥ 0")
         if self.max_tokens_per_step < self.max_batch:
             raise ValueError("engine config max_tokens_per_step must be ≥ max_batch "
                              "(every running sequence decodes one token per step)")
@@ -235,3 +251,8 @@ class EngineStats:
     # Per adapter name (None = base model): prompt tokens admitted / of them served by the prefix cache.
     prefix_cache_queries: dict[str | None, int] = field(default_factory=dict)
     prefix_cache_hits: dict[str | None, int] = field(default_factory=dict)
+    # Image-conditioned adapters (server/visual_prompts.py)
+    images_encoded_total: int = 0       # images run through the vision tower
+    image_encode_seconds: float = 0.0   # preprocessing + tower forwards
+    image_feature_cache_hits: int = 0
+    image_feature_cache_misses: int = 0

@@ -86,13 +86,29 @@ class LiveServer:
         raise AssertionError(f"engine still busy after {timeout}s: {self.engine.stats()}")
 
 
+def raw_request(server, head: bytes, body_part: bytes) -> tuple[bytes, float]:
+    """Send headers and the start of a body, and read what comes back before sending the rest."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head + body_part)
+        answer = sock.recv(65536)
+        # The status line and headers may arrive before the body: read up to Content-Length.
+        headers, _, body = answer.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", headers, re.I)
+        while length and len(body) < int(length.group(1)) and (more := sock.recv(65536)):
+            body += more
+        return headers + b"\r\n\r\n" + body, time.monotonic() - t0
+
+
 @contextmanager
 def live_server(loaded, store_dir: Path, *, start_engine: bool = True,
-                settings: ServerSettings | None = None, **engine_kw) -> Iterator[LiveServer]:
+                settings: ServerSettings | None = None, vision=None, **engine_kw) -> Iterator[LiveServer]:
+    """`vision`: a model.vision.VisionTower for image-conditioned adapters (registry and engine)."""
     config = EngineConfig(**{"max_batch": 4, "max_seq_len": 256, "max_tokens_per_step": 256,
                              "max_queue": 64, **engine_kw})
-    registry = AdapterRegistry(AdapterStore(store_dir), loaded.model, loaded.fingerprint)
-    engine = Engine(loaded, registry, config)
+    registry = AdapterRegistry(AdapterStore(store_dir), loaded.model, loaded.fingerprint, vision=vision)
+    engine = Engine(loaded, registry, config, vision=vision)
     if start_engine:
         engine.start()
     settings = settings or ServerSettings(admin_token=ADMIN_TOKEN)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 import adapters.store as store_module
 from adapter_helpers import adapter_bytes, random_adapter
 from adapters.validation import ValidationLimits
-from http_harness import ADMIN_TOKEN, live_server
+from http_harness import ADMIN_TOKEN, live_server, raw_request
 from server.app import ServerSettings
 from server.serve import _drain
 
@@ -259,30 +257,15 @@ def test_huge_prompts_are_refused_before_tokenizing_and_never_stall_the_loop(ser
     assert "bytes" in tgi_error(send(), 422, "validation")
 
 
-def _raw_request(server, head: bytes, body_part: bytes) -> tuple[bytes, float]:
-    """Send headers and the start of a body, and read what comes back before sending the rest."""
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        t0 = time.monotonic()
-        sock.sendall(head + body_part)
-        answer = sock.recv(65536)
-        # The status line and headers may arrive before the body: read up to Content-Length.
-        headers, _, body = answer.partition(b"\r\n\r\n")
-        length = re.search(rb"content-length: (\d+)", headers, re.I)
-        while length and len(body) < int(length.group(1)) and (more := sock.recv(65536)):
-            body += more
-        return headers + b"\r\n\r\n" + body, time.monotonic() - t0
-
-
 def test_admin_token_is_checked_before_the_body_is_read(server):
     head = (b"PUT /admin/adapters/x HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 62914560\r\n\r\n")
-    answer, elapsed = _raw_request(server, head, b"--b\r\n" + b"x" * 1000)
+    answer, elapsed = raw_request(server, head, b"--b\r\n" + b"x" * 1000)
     assert answer.startswith(b"HTTP/1.1 401") and b'"error_type":"auth"' in answer and elapsed < 2, answer
     # Only the upload route gets the upload limit; other admin bodies get the request-body limit.
     auth = f"Authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
     head = b"DELETE /admin/adapters/x HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 10485760\r\n\r\n"
-    answer, _ = _raw_request(server, head, b"x")
+    answer, _ = raw_request(server, head, b"x")
     assert answer.startswith(b"HTTP/1.1 413"), answer
 
 
