@@ -9,6 +9,11 @@ family it is; each kind has its own tensors (``i`` = the model's layer index, 0-
                                    it; G = n_heads: one per head as in the paper). It multiplies
                                    the prompt attention as is; importers of checkpoints that use
                                    tanh(gate) store tanh already applied.
+``kind = "llama-adapter-visual"`` (the paper's image-conditioned LLaMA-Adapter, §4.3): the
+  ``layers.{i}.prompt`` / ``layers.{i}.gate`` tensors of "llama-adapter", plus
+  ``visual_proj.weight``  [dim, F]  — projection of the encoder's multi-scale global feature
+  ``visual_proj.bias``    [dim]       (F = len(feature_layers) × the encoder's width); the
+                                   projected feature is added to every prompt vector
 ``kind = "lora"`` (LoRA: delta s·B·A on each target projection of each listed layer)
   ``layers.{i}.lora.{t}.A``  [r, in]   t ∈ q, k, v, o, gate, up, down (the same targets in
   ``layers.{i}.lora.{t}.B``  [out, r]  every listed layer); s = alpha/r, or alpha/√r (rsLoRA)
@@ -20,10 +25,16 @@ Tensors are float32 | float16 | bfloat16.
 Metadata (safetensors ``__metadata__``, all strings):
   ``format``               "llama-adapter"          (required)
   ``format_version``       "2" (version "1" files, which have no ``kind``, still load)
-  ``kind``                 "llama-adapter" | "lora" | "prefix-tuning" (required from version 2)
+  ``kind``                 "llama-adapter" | "llama-adapter-visual" | "lora" | "prefix-tuning"
+                           (required from version 2; a reader that predates a kind refuses it by
+                           name, so new kinds join version 2 without a bump)
   ``layers``               "28,29,..." ascending     (required; must match the tensors)
-  ``adapter_len``          K (llama-adapter), P (prefix-tuning), "0" (lora)
-  ``gate_kind``            "scalar" | "per_head" (llama-adapter), "none" (other kinds)
+  ``adapter_len``          K (llama-adapter[-visual]), P (prefix-tuning), "0" (lora)
+  ``gate_kind``            "scalar" | "per_head" (llama-adapter[-visual]), "none" (other kinds)
+  ``feature_layers``       "21,22,23,24": encoder hidden states (0 = embeddings) whose class
+                           tokens make the image feature      (llama-adapter-visual only, required)
+  ``encoder_fingerprint``  model.vision.VisionTower.fingerprint of the image encoder it was made
+                           with; another encoder is refused    (llama-adapter-visual only, required)
   ``lora_rank``, ``lora_alpha``, ``lora_rslora`` ("true"/"false"), ``lora_targets``
                            ("q,v", in the order above)   (lora only, required)
   ``base_dim``, ``base_n_layers``, ``base_n_heads``   (required) shape of the base model
@@ -45,17 +56,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.adapter import AdapterWeights
+from model.adapter import AdapterWeights, VisualAdapterWeights
 from model.lora import LORA_TARGETS, LoraWeights, target_shape
 from model.prefix_tuning import PrefixWeights
 
 FORMAT_NAME = "llama-adapter"
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
-KINDS = ("llama-adapter", "lora", "prefix-tuning")
+KINDS = ("llama-adapter", "llama-adapter-visual", "lora", "prefix-tuning")
+VISUAL = "llama-adapter-visual"
+_VISUAL_TENSORS = ("visual_proj.weight", "visual_proj.bias")
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TENSOR_NAME = re.compile(
-    r"^layers\.(0|[1-9][0-9]{0,3})\.(prompt|gate|lora\.(?:q|k|v|o|gate|up|down)\.[AB]|prefix\.(?:keys|values))$")
+    r"^(?:layers\.(0|[1-9][0-9]{0,3})\.(prompt|gate|lora\.(?:q|k|v|o|gate|up|down)\.[AB]|prefix\.(?:keys|values))"
+    r"|visual_proj\.(?:weight|bias))$")
 
 AnyAdapterWeights = AdapterWeights | LoraWeights | PrefixWeights
 
@@ -80,6 +94,8 @@ class AdapterMetadata:
     lora_alpha: float = 0.0
     lora_rslora: bool = False
     lora_targets: tuple[str, ...] = ()
+    feature_layers: tuple[int, ...] = ()
+    encoder_fingerprint: str = ""
 
     def to_strings(self) -> dict[str, str]:
         out = {
@@ -94,6 +110,9 @@ class AdapterMetadata:
             out.update(lora_rank=str(self.lora_rank), lora_alpha=repr(float(self.lora_alpha)),
                        lora_rslora="true" if self.lora_rslora else "false",
                        lora_targets=",".join(self.lora_targets))
+        if self.kind == VISUAL:
+            out.update(feature_layers=",".join(map(str, self.feature_layers)),
+                       encoder_fingerprint=self.encoder_fingerprint)
         return out
 
     @classmethod
@@ -119,15 +138,24 @@ class AdapterMetadata:
                 meta.lora_rank, meta.lora_alpha = _decimal(m["lora_rank"]), float(m["lora_alpha"])
                 meta.lora_rslora = {"true": True, "false": False}[m["lora_rslora"]]
                 meta.lora_targets = tuple(m["lora_targets"].split(",")) if m["lora_targets"] else ()
+            if kind == VISUAL:
+                meta.feature_layers = tuple(_decimal(x) for x in m["feature_layers"].split(","))
+                meta.encoder_fingerprint = m["encoder_fingerprint"]
         except (KeyError, ValueError, TypeError, RecursionError) as e:   # RecursionError: nested 'extra'
             raise AdapterFormatError(f"bad metadata field: {e}") from None
         if not layers or layers != sorted(set(layers)):
             raise AdapterFormatError("metadata 'layers' must be a non-empty ascending list")
-        if kind == "llama-adapter":
+        if kind in ("llama-adapter", VISUAL):
             if meta.gate_kind not in ("scalar", "per_head"):
                 raise AdapterFormatError(f"gate_kind must be 'scalar' or 'per_head', got {meta.gate_kind!r}")
             if meta.adapter_len < 1:   # K = 0 would pass the shape checks and give NaN attention
                 raise AdapterFormatError(f"adapter_len must be at least 1, got {meta.adapter_len}")
+        if kind == VISUAL:
+            if list(meta.feature_layers) != sorted(set(meta.feature_layers)):
+                raise AdapterFormatError("metadata 'feature_layers' must be an ascending list without repeats")
+            if not meta.encoder_fingerprint:
+                raise AdapterFormatError("metadata 'encoder_fingerprint' is empty: an image adapter must say "
+                                         "which image encoder it was made with")
         elif kind == "prefix-tuning" and meta.adapter_len < 1:
             raise AdapterFormatError(f"adapter_len (the prefix length) must be at least 1, got {meta.adapter_len}")
         elif kind == "lora":
@@ -160,6 +188,10 @@ def metadata_for(weights: AnyAdapterWeights, model, source: str, extra: dict[str
     if isinstance(weights, PrefixWeights):
         return AdapterMetadata(adapter_len=weights.prefix_len, layers=weights.layers, gate_kind="none",
                                kind="prefix-tuning", **common)
+    if isinstance(weights, VisualAdapterWeights):
+        return AdapterMetadata(adapter_len=weights.adapter_len, layers=list(weights.layers),
+                               gate_kind=weights.gate_kind, kind=VISUAL, feature_layers=tuple(weights.feature_layers),
+                               encoder_fingerprint=weights.encoder_fingerprint, **common)
     return AdapterMetadata(adapter_len=weights.adapter_len, layers=list(weights.layers),
                            gate_kind=weights.gate_kind, **common)
 
@@ -172,8 +204,11 @@ def _tensors_of(weights: AnyAdapterWeights) -> dict[str, torch.Tensor]:
     if isinstance(weights, PrefixWeights):
         return {f"layers.{layer}.prefix.{n}": t[layer] for layer in weights.layers
                 for n, t in (("keys", weights.keys), ("values", weights.values))}
-    return {f"layers.{layer}.{n}": t[i] for i, layer in enumerate(weights.layers)
-            for n, t in (("prompt", weights.prompts), ("gate", weights.gates))}
+    out = {f"layers.{layer}.{n}": t[i] for i, layer in enumerate(weights.layers)
+           for n, t in (("prompt", weights.prompts), ("gate", weights.gates))}
+    if isinstance(weights, VisualAdapterWeights):
+        out.update(zip(_VISUAL_TENSORS, (weights.proj_weight, weights.proj_bias)))
+    return out
 
 
 def save_adapter(path: str | Path, weights: AnyAdapterWeights, meta: AdapterMetadata) -> None:
@@ -183,9 +218,10 @@ def save_adapter(path: str | Path, weights: AnyAdapterWeights, meta: AdapterMeta
 
 
 def _expected_names(meta: AdapterMetadata) -> set[str]:
-    per_layer = {"llama-adapter": ("prompt", "gate"), "prefix-tuning": ("prefix.keys", "prefix.values"),
+    per_layer = {"llama-adapter": ("prompt", "gate"), VISUAL: ("prompt", "gate"), "prefix-tuning": ("prefix.keys", "prefix.values"),
                  "lora": tuple(f"lora.{t}.{ab}" for t in meta.lora_targets for ab in "AB")}[meta.kind]
-    return {f"layers.{i}.{n}" for i in meta.layers for n in per_layer}
+    names = {f"layers.{i}.{n}" for i in meta.layers for n in per_layer}
+    return names | set(_VISUAL_TENSORS) if meta.kind == VISUAL else names
 
 
 def load_adapter(path: str | Path) -> tuple[AnyAdapterWeights, AdapterMetadata]:
@@ -211,7 +247,8 @@ def load_adapter(path: str | Path) -> tuple[AnyAdapterWeights, AdapterMetadata]:
             raise AdapterFormatError(f"{name}: dtype {t.dtype} not allowed (float32/float16/bfloat16)")
         if not torch.isfinite(t).all():
             raise AdapterFormatError(f"{name}: contains NaN or Inf")
-    read = {"llama-adapter": _read_llama_adapter, "lora": _read_lora, "prefix-tuning": _read_prefix}
+    read = {"llama-adapter": _read_llama_adapter, VISUAL: _read_visual, "lora": _read_lora,
+            "prefix-tuning": _read_prefix}
     return read[meta.kind](meta, tensors), meta
 
 
@@ -228,6 +265,21 @@ def _read_llama_adapter(meta: AdapterMetadata, tensors: dict[str, torch.Tensor])
         prompts.append(p.float())
         gates.append(g.float())
     return AdapterWeights(list(meta.layers), torch.stack(prompts), torch.stack(gates))
+
+
+def _read_visual(meta: AdapterMetadata, tensors: dict[str, torch.Tensor]) -> VisualAdapterWeights:
+    """Prompts and gates as "llama-adapter"; the projection [dim, F] with F a whole multiple of the
+    number of feature layers (F = layers × encoder width; the width is checked by check_fits)."""
+    base = _read_llama_adapter(meta, tensors)
+    w, b = (tensors[n] for n in _VISUAL_TENSORS)
+    n_feat = len(meta.feature_layers)
+    if w.dim() != 2 or w.shape[0] != meta.base_dim or w.shape[1] == 0 or w.shape[1] % n_feat:
+        raise AdapterFormatError(f"visual_proj.weight: shape {tuple(w.shape)} is not [{meta.base_dim}, F] with F "
+                                 f"a multiple of the {n_feat} feature layers")
+    if b.shape != (meta.base_dim,):
+        raise AdapterFormatError(f"visual_proj.bias: shape {tuple(b.shape)} != ({meta.base_dim},)")
+    return VisualAdapterWeights(base.layers, base.prompts, base.gates, w.float(), b.float(),
+                                tuple(meta.feature_layers), meta.encoder_fingerprint)
 
 
 def _read_lora(meta: AdapterMetadata, tensors: dict[str, torch.Tensor]) -> LoraWeights:
@@ -263,9 +315,11 @@ def _read_prefix(meta: AdapterMetadata, tensors: dict[str, torch.Tensor]) -> Pre
 
 
 def check_fits(meta: AdapterMetadata, model, fingerprint: str | None = None,
-               allow_fingerprint_mismatch: bool = False, weights: AnyAdapterWeights | None = None) -> None:
+               allow_fingerprint_mismatch: bool = False, weights: AnyAdapterWeights | None = None,
+               vision=None) -> None:
     """Raise AdapterFormatError unless the adapter fits this base model (`weights`: also check
-    the shapes that depend on more of the model's config than the metadata records)."""
+    the shapes that depend on more of the model's config than the metadata records) and, for an
+    image adapter, this image encoder (`vision`: model.vision.VisionTower, None = none loaded)."""
     cfg = model.config
     if (meta.base_dim, meta.base_n_layers, meta.base_n_heads) != (cfg.dim, cfg.n_layers, cfg.n_heads):
         raise AdapterFormatError(
@@ -294,3 +348,27 @@ def check_fits(meta: AdapterMetadata, model, fingerprint: str | None = None,
         raise AdapterFormatError(
             f"base-model fingerprint mismatch: adapter made for {made_for}, this model is {fingerprint} "
             "(an admin may override: allow_fingerprint_mismatch)")
+    if meta.kind == VISUAL:
+        check_encoder_fits(meta, vision, allow_fingerprint_mismatch,
+                           weights.feature_dim if isinstance(weights, VisualAdapterWeights) else None)
+
+
+def check_encoder_fits(meta: AdapterMetadata, vision, allow_fingerprint_mismatch: bool = False,
+                       feature_dim: int | None = None) -> None:
+    """An image adapter needs the encoder it was trained with: its feature layers and width, and
+    (unless an admin overrides it, as for the base model) the same fingerprint."""
+    if vision is None:
+        raise AdapterFormatError("this is an image adapter (llama-adapter-visual) but no image encoder is "
+                                 "loaded: start with --vision-model DIR")
+    vcfg = vision.config
+    if max(meta.feature_layers) > vcfg.num_hidden_layers:
+        raise AdapterFormatError(f"feature_layers {list(meta.feature_layers)} go past the image encoder's "
+                                 f"{vcfg.num_hidden_layers} layers")
+    want = len(meta.feature_layers) * vcfg.hidden_size
+    if feature_dim is not None and feature_dim != want:
+        raise AdapterFormatError(f"visual_proj.weight takes {feature_dim} features; this image encoder gives "
+                                 f"{want} ({len(meta.feature_layers)} feature layers × width {vcfg.hidden_size})")
+    if meta.encoder_fingerprint != vision.fingerprint and not allow_fingerprint_mismatch:
+        raise AdapterFormatError(
+            f"image-encoder fingerprint mismatch: adapter made with encoder {meta.encoder_fingerprint}, the loaded "
+            f"encoder is {vision.fingerprint} (an admin may override: allow_fingerprint_mismatch)")

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from adapters.format import AdapterMetadata, AnyAdapterWeights, save_adapter
 from adapters.validation import DEFAULT_LIMITS, AdapterValidationError, read_safetensors_header
-from model.adapter import AdapterWeights
+from model.adapter import AdapterWeights, VisualAdapterWeights
 from model.config import ModelConfig
 from model.lora import LORA_TARGETS, LoraWeights
 from model.prefix_tuning import PrefixWeights
@@ -251,6 +251,9 @@ def _import_peft_prefix(folder: Path, config: dict, cfg: ModelConfig) -> PrefixW
 
 def export_peft(weights: AnyAdapterWeights, meta: AdapterMetadata, out_dir: str | Path) -> Path:
     """Write a PEFT folder (adaption_prompt, LoRA or prefix tuning) that `PeftModel.from_pretrained` loads."""
+    if isinstance(weights, VisualAdapterWeights):
+        raise AdapterImportError("PEFT has no image-conditioned adapter type: a llama-adapter-visual adapter "
+                                 "exists only in this server's format (copy its .safetensors file instead)")
     out = Path(out_dir)
     if (out / PEFT_CONFIG).exists() or (out / PEFT_WEIGHTS).exists():
         raise AdapterImportError(f"{out} already holds a PEFT adapter; choose an empty directory")

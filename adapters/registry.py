@@ -28,7 +28,7 @@ from adapters.store import (AdapterInfo, AdapterNotFoundError, AdapterStore, Sto
                             VersionInfo)
 from adapters.validation import (DEFAULT_LIMITS, AdapterValidationError, ValidationLimits,
                                  check_adapter_bytes, validate_adapter_file)
-from model.adapter import AdapterKV, AdapterWeights
+from model.adapter import AdapterKV, AdapterWeights, VisualAdapterWeights
 from model.lora import LoraWeights
 from model.batch_adapters import CompositionError, Resident, RowAdapters, check_composition
 
@@ -87,10 +87,12 @@ class ComposedLease:
 
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, model, fingerprint: str,
-                 pool_config: PoolConfig | None = None, limits: ValidationLimits = DEFAULT_LIMITS):
+                 pool_config: PoolConfig | None = None, limits: ValidationLimits = DEFAULT_LIMITS,
+                 vision=None):
         self.store = store
         self.model = model
         self.fingerprint = fingerprint
+        self.vision = vision        # model.vision.VisionTower | None: what image adapters are checked against
         self.limits = limits
         self._pool = AdapterPool(pool_config)
         self.kv_cache_write_failures = 0    # K/V cache files that could not be written (metrics)
@@ -171,7 +173,8 @@ class AdapterRegistry:
         try:
             weights, meta = load_adapter(path)
             # The fingerprint was checked (or overridden by an admin) at upload; shapes must fit.
-            check_fits(meta, self.model, self.fingerprint, allow_fingerprint_mismatch=True, weights=weights)
+            check_fits(meta, self.model, self.fingerprint, allow_fingerprint_mismatch=True, weights=weights,
+                       vision=self.vision)
         except AdapterFormatError as e:
             raise AdapterValidationError(f"adapter {info.ref} cannot be used with this model: {e}") from None
         resident = self._resident(weights)
@@ -180,7 +183,11 @@ class AdapterRegistry:
         return resident
 
     def _resident(self, weights: AnyAdapterWeights) -> Resident:
-        """The form a forward pass uses, on the model's device and dtype."""
+        """The form a forward pass uses, on the model's device and dtype (an image adapter stays as
+        weights: its prompt K/V depend on each request's image, see compute_visual_adapter_kv)."""
+        if isinstance(weights, VisualAdapterWeights):
+            ref = self.model.tok_embeddings.weight
+            return weights.to(ref.device, ref.dtype)
         if isinstance(weights, AdapterWeights):
             return compute_prefix_kv(self.model, weights)
         ref = self.model.tok_embeddings.weight
@@ -209,10 +216,12 @@ class AdapterRegistry:
         staged = self.store.stage(data)
         try:
             weights, meta = validate_adapter_file(staged.path, self.model, self.fingerprint,
-                                                  allow_fingerprint_mismatch, self.limits)
+                                                  allow_fingerprint_mismatch, self.limits, self.vision)
             kv = self._resident(weights)
             # Finite weights can still overflow in half precision (through wk/wv for prompts).
-            tensors = (*kv.a.values(), *kv.b.values()) if isinstance(kv, LoraWeights) else (kv.keys, kv.values)
+            tensors = ((*kv.a.values(), *kv.b.values()) if isinstance(kv, LoraWeights) else
+                       (kv.prompts, kv.proj_weight, kv.proj_bias) if isinstance(kv, VisualAdapterWeights) else
+                       (kv.keys, kv.values))
             if not all(torch.isfinite(t).all() for t in tensors):
                 raise AdapterValidationError(
                     f"the adapter's {meta.kind} tensors overflow in this model's {tensors[0].dtype}")

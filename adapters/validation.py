@@ -174,16 +174,18 @@ def read_safetensors_header(path: str | Path, limits: ValidationLimits = DEFAULT
 
 def validate_adapter_file(path: str | Path, model, fingerprint: str | None = None,
                           allow_fingerprint_mismatch: bool = False,
-                          limits: ValidationLimits = DEFAULT_LIMITS) -> tuple[AnyAdapterWeights, AdapterMetadata]:
+                          limits: ValidationLimits = DEFAULT_LIMITS,
+                          vision=None) -> tuple[AnyAdapterWeights, AdapterMetadata]:
     """Everything an incoming adapter file must pass; returns what it holds.
 
-    `model` is the loaded base Transformer (its config gives dim / n_layers / n_heads).
+    `model` is the loaded base Transformer (its config gives dim / n_layers / n_heads); `vision`
+    the loaded image encoder (model.vision.VisionTower), which image adapters need.
     """
     header = read_safetensors_header(path, limits)
     try:
         check_resource_limits(AdapterMetadata.from_strings(header.metadata), model, limits)
         weights, meta = load_adapter(path)
-        check_fits(meta, model, fingerprint, allow_fingerprint_mismatch, weights)
+        check_fits(meta, model, fingerprint, allow_fingerprint_mismatch, weights, vision)
     except AdapterFormatError as e:
         raise AdapterValidationError(str(e)) from None
     if meta.kind == "lora" and meta.lora_rank > limits.max_lora_rank:
@@ -206,14 +208,14 @@ def check_resource_limits(meta: AdapterMetadata, model, limits: ValidationLimits
 
 
 def write_validated_adapter(path: Path, weights: AnyAdapterWeights, meta: AdapterMetadata, model,
-                            fingerprint: str | None) -> None:
+                            fingerprint: str | None, vision=None) -> None:
     """Write an adapter file, validate it as an upload would be, then rename it into place,
     so nothing half-written or invalid ever appears at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     try:
         save_adapter(tmp, weights, meta)
-        validate_adapter_file(tmp, model, fingerprint)
+        validate_adapter_file(tmp, model, fingerprint, vision=vision)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,11 @@ gate (zero-initialised) and is added to the ordinary attention output before wo:
     out_h = softmax(q·K_tᵀ/√d)·V_t + g_h · softmax(q·K_pᵀ/√d)·V_p
 
 A gate of zero therefore gives the base model exactly.
+
+The multimodal variant (§4.3 of the paper, kind "llama-adapter-visual") conditions the prompts on
+an image: a frozen CLIP encoder's multi-scale global feature f (class tokens of some layers,
+concatenated; model/vision.py) is projected to the model's width and added to every prompt
+vector of every adapted layer, P_l + (W f + b); from there the math above is unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -34,6 +40,50 @@ class AdapterWeights:
 
     def param_count(self) -> int:
         return self.prompts.numel() + self.gates.numel()
+
+
+@dataclass
+class VisualAdapterWeights(AdapterWeights):
+    """An image-conditioned adapter: the prompts and gates plus the projection of the encoder's
+    multi-scale feature (F = len(feature_layers) × encoder width) into the model's width."""
+
+    proj_weight: torch.Tensor            # [dim, F]
+    proj_bias: torch.Tensor              # [dim]
+    feature_layers: tuple[int, ...]      # encoder hidden states whose class tokens make the feature
+    encoder_fingerprint: str             # model.vision.VisionTower.fingerprint it was trained with
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.proj_weight.shape[1])
+
+    def param_count(self) -> int:
+        return super().param_count() + self.proj_weight.numel() + self.proj_bias.numel()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.prompts, self.gates, self.proj_weight, self.proj_bias))
+
+    def to(self, device, dtype) -> "VisualAdapterWeights":
+        return VisualAdapterWeights(list(self.layers), *(t.to(device=device, dtype=dtype) for t in (
+            self.prompts, self.gates, self.proj_weight, self.proj_bias)), tuple(self.feature_layers),
+            self.encoder_fingerprint)
+
+
+def visual_prompts(weights: VisualAdapterWeights, features: torch.Tensor) -> torch.Tensor:
+    """P_l + (W f + b) for every adapted layer: [L, K, dim] (`features` [F])."""
+    ref = weights.prompts
+    global_feature = F.linear(features.to(device=ref.device, dtype=ref.dtype), weights.proj_weight.to(ref.dtype),
+                              weights.proj_bias.to(ref.dtype))        # [dim]
+    return ref + global_feature
+
+
+def compute_visual_adapter_kv(model, weights: VisualAdapterWeights, features: torch.Tensor) -> AdapterKV:
+    """The prompt keys/values of an image-conditioned adapter for one image's feature [F];
+    differentiable in prompts, gates and projection (training calls it per example)."""
+    if features.dim() != 1 or features.shape[0] != weights.feature_dim:
+        raise ValueError(f"image feature is {tuple(features.shape)}; this adapter takes [{weights.feature_dim}]")
+    return compute_adapter_kv(model, AdapterWeights(weights.layers, visual_prompts(weights, features),
+                                                    weights.gates))
 
 
 @dataclass

@@ -18,11 +18,13 @@ import math
 
 import torch
 
-from .adapter import AdapterBatch, AdapterKV, LayerAdapterInputs
+from .adapter import AdapterBatch, AdapterKV, LayerAdapterInputs, VisualAdapterWeights
 from .lora import LoraBatch, LoraLayer, LoraWeights
 from .prefix_tuning import PrefixBatch, PrefixWeights
 
-Resident = AdapterKV | LoraWeights | PrefixWeights
+# An image adapter stays as weights: its prompt K/V are computed per request from the image
+# (compute_visual_adapter_kv) and enter the batch as that row's AdapterKV.
+Resident = AdapterKV | LoraWeights | PrefixWeights | VisualAdapterWeights
 RowAdapters = tuple[tuple[Resident, float], ...]     # () = the base model
 MAX_COMPOSED = 8
 MAX_WEIGHT = 10.0
