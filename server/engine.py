@@ -78,9 +78,10 @@ def kv_cache_blocks(config: EngineConfig, model_config, dtype: torch.dtype, devi
 
 
 class Engine:
-    def __init__(self, loaded, registry, config: EngineConfig | None = None):
+    def __init__(self, loaded, registry, config: EngineConfig | None = None, vision=None):
         """`loaded`: a model.loading.LoadedModel (uses .model and .tokenizer); `registry`: an
-        AdapterRegistry (or None to serve the base model only)."""
+        AdapterRegistry (or None to serve the base model only); `vision`: a model.vision.VisionTower
+        for image-conditioned adapters (None: requests with images are refused)."""
         self.config = config or EngineConfig()
         self.config.validate()
         self.model = loaded.model
@@ -106,6 +107,7 @@ class Engine:
         self.output = OutputProcessor(self.tokenizer)
         self.eos_ids = frozenset(self.tokenizer.stop_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+        self.vision = vision
         # AdapterKVs already checked to fit the model, by id (entries vanish with the object).
         self._checked_adapters: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
