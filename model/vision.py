@@ -172,6 +172,11 @@ class VisionTower(nn.Module):
     def width(self) -> int:
         return self.config.hidden_size
 
+    def describe(self) -> str:
+        c = self.config
+        return (f"CLIP ViT, {c.num_hidden_layers} layers, width {c.hidden_size}, {c.image_size} px images in "
+                f"{c.patch_size} px patches, fingerprint {self.fingerprint}")
+
     def hidden_states(self, pixel_values: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """[B, 3, S, S] → the embeddings output then each layer's output, each [B, 1 + patches, width]
         (`upto`: stop after that layer; the ones above are not run)."""
@@ -200,6 +205,45 @@ class VisionTower(nn.Module):
         return self
 
     @classmethod
+    def random(cls, cfg: VisionConfig, seed: int = 0) -> "VisionTower":
+        """A seeded random tower: a fixed (untrained) feature extractor for tests and the synthetic
+        image demo. Patch projections are scaled so every patch embedding is O(1) from the first
+        layer on (random convolution features of colours and edges, mixed by attention)."""
+        g = torch.Generator().manual_seed(seed)
+        tower = cls(cfg)
+        with torch.no_grad():
+            for name, p in tower.named_parameters():
+                if "layer_norm" in name or "layrnorm" in name:
+                    continue                      # LayerNorm: weight 1, bias 0
+                fan_in = p[0].numel() if p.dim() > 1 else cfg.hidden_size
+                std = 0.02 if name.startswith("position") else fan_in ** -0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std if p.dim() > 1 or name == "class_embedding"
+                        else torch.zeros(p.shape))
+        return tower.seal()
+
+    def save(self, path: str | Path) -> Path:
+        """Write HF layout (CLIPVisionModel config.json, model.safetensors with HF names,
+        preprocessor_config.json) so from_dir and transformers both read it."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        config = {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+                  **{k: getattr(c, k) for k in _CONFIG_DEFAULTS}, "projection_dim": c.hidden_size,
+                  "torch_dtype": "float32"}
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        preprocessor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                        "size": {"shortest_edge": c.resize_shortest}, "resample": 3, "do_center_crop": True,
+                        "crop_size": {"height": c.crop_size, "width": c.crop_size}, "do_rescale": True,
+                        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(c.image_mean),
+                        "image_std": list(c.image_std), "do_convert_rgb": True}
+        (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+        save_file({_hf_name(n): t.detach().float().contiguous().cpu() for n, t in self.state_dict().items()},
+                  str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+
+    @classmethod
     def from_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> "VisionTower":
         path = Path(path)
@@ -225,6 +269,15 @@ class VisionTower(nn.Module):
         except RuntimeError as e:   # shape mismatch with config.json
             raise VisionModelError(f"{path}: weights do not match config.json: {e}") from None
         return tower.to(device).seal()
+
+
+def load_vision(path: str | Path | None, device: str | torch.device = "cpu") -> VisionTower | None:
+    """The image encoder `--vision-model` names (None when unset), frozen on `device`: float32 on
+    a CPU, bfloat16 on an accelerator, as the base model is by default."""
+    if not path:
+        return None
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return VisionTower.from_dir(path, dtype=dtype, device=device)
 
 
 def read_vision_config(path: Path) -> VisionConfig:

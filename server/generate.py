@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=WEIGHT_CHOICES, default=DEFAULT_CPU_WEIGHTS,
                    help=f"CPU weight format (default {DEFAULT_CPU_WEIGHTS}; see serve --help)")
     p.add_argument("--adapter", type=Path, help="adapter file (.safetensors in this project's adapter format)")
+    p.add_argument("--vision-model", help="image encoder (HF CLIP directory) an image adapter (llama-adapter-visual) "
+                                           "was trained with")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -36,6 +38,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from adapters.registry import AdapterRegistry   # noqa: PLC0415 (heavy imports only when used)
     from adapters.store import AdapterStore  # noqa: PLC0415
     from model.loading import load_model  # noqa: PLC0415
+    from model.vision import load_vision  # noqa: PLC0415
 
     from .engine import Engine  # noqa: PLC0415
     from .types import EngineConfig, GenerationRequest, SamplingParams  # noqa: PLC0415
@@ -45,6 +48,7 @@ def run_generate(args: argparse.Namespace) -> int:
     params.validate()
     adapter_bytes = args.adapter.read_bytes() if args.adapter is not None else None
     loaded = load_model(args.model, weights=args.weights)
+    vision = load_vision(args.vision_model, "cpu")
     tok = loaded.tokenizer
     prompt_ids = (tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
                   else tok.encode(args.prompt))
@@ -52,11 +56,11 @@ def run_generate(args: argparse.Namespace) -> int:
         registry = adapter = None
         if adapter_bytes is not None:
             # The file goes through the same validation and K/V path as an upload to the server.
-            registry = AdapterRegistry(AdapterStore(tmp), loaded.model, loaded.fingerprint)
+            registry = AdapterRegistry(AdapterStore(tmp), loaded.model, loaded.fingerprint, vision=vision)
             adapter = registry.upload("cli", adapter_bytes, source=f"file:{args.adapter.name}").ref
         config = EngineConfig(max_batch=1, max_queue=1, max_tokens_per_step=512,
                               max_seq_len=min(len(prompt_ids) + params.max_new_tokens, loaded.config.max_seq_len))
-        engine = Engine(loaded, registry, config)
+        engine = Engine(loaded, registry, config, vision=vision)
         try:
             handle = engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter))
             # The engine steps on this thread, the one that loaded the model (Engine.run_here);

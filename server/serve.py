@@ -131,6 +131,9 @@ def register(subparsers) -> None:
     _add(p, "--model", "default", "base model: 'default' (the embedded SmolLM2-135M-Instruct), an HF or "
          "Meta checkpoint directory, or a .gguf file")
     _add(p, "--store", None, "adapter store directory", shown="the per-user data directory")
+    _add(p, "--vision-model", None, "image encoder of image adapters (llama-adapter-visual): an HF CLIP or "
+         "CLIP-vision model directory (config.json + safetensors), e.g. openai/clip-vit-large-patch14 as in "
+         "the paper", shown="none: image adapters and image inputs are refused")
     _add(p, "--host", "127.0.0.1", "address to listen on (0.0.0.0 accepts remote clients)")
     _add(p, "--port", 8000, "TCP port", type=int)
     _add(p, "--admin-token", None, "bearer token for every /admin route (tenant admin keys live in "
@@ -212,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     from adapters.store import AdapterStore
     from adapters.validation import ValidationLimits
     from model.loading import inference_weights, load_model
+    from model.vision import load_vision
     from server.app import ServerSettings, create_app
     from server.engine import Engine
     from server.replica_watch import StoreWatcher
@@ -233,12 +237,15 @@ def run(args: argparse.Namespace) -> int:
              cfg.n_kv_heads, cfg.vocab_size, cfg.max_seq_len, cfg.param_count() / 1e6,
              str(model_dtype).removeprefix("torch."), loaded.fingerprint[:16])
 
+    vision = load_vision(args.vision_model, device)
+    if vision is not None:
+        log.info("image encoder %s: %s", args.vision_model, vision.describe())
     store = AdapterStore(args.store)
     limits = ValidationLimits(max_adapter_len=args.max_adapter_len,
                               max_kv_bytes=int(args.max_adapter_kv_mb * (1 << 20)))
     registry = AdapterRegistry(store, loaded.model, loaded.fingerprint,
                                PoolConfig(max_adapters=args.pool_max_adapters,
-                                          max_bytes=int(args.pool_max_mb * (1 << 20))), limits)
+                                          max_bytes=int(args.pool_max_mb * (1 << 20))), limits, vision)
     adapters = store.list()
     log.info("adapter store %s: %d adapter(s)%s", store.root, len(adapters),
              (": " + ", ".join(a.latest.ref for a in adapters[:20])) if adapters else "")
@@ -249,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
                                  max_queue=args.max_queue, compile=args.compile,
                                  kv_cache_memory=args.kv_cache_memory, prefix_caching=not args.no_prefix_cache,
                                  cuda_graphs=args.cuda_graphs, image_feature_cache=args.image_feature_cache)
-    engine = Engine(loaded, registry, engine_config)   # steps on this thread (Engine.run_here)
+    engine = Engine(loaded, registry, engine_config, vision=vision)   # steps on this thread (Engine.run_here)
     watcher = StoreWatcher(registry, args.store_poll_interval).start() if args.store_poll_interval > 0 else None
     stats = engine.stats()
     log.info("engine: batch %d, sequence length %d, queue %d, KV cache %.1f MiB (%d blocks of %d tokens), "

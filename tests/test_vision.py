@@ -80,3 +80,22 @@ def test_preprocess_with_openai_clip_sizes():
     images = _images()[:3]
     want = CLIPImageProcessor().preprocess(images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(preprocess(images, cfg), want, atol=1e-5, rtol=0)
+
+
+def test_random_tower_saves_in_hf_layout(tmp_path):
+    """A seeded random tower (the synthetic demo's encoder) written by us reads back identically,
+    and transformers reads it as the same model."""
+    from transformers import CLIPVisionModel
+    from model.vision import VisionConfig
+    cfg = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8, resize_shortest=32, crop_size=32)
+    tower = VisionTower.random(cfg, seed=4)
+    assert tower.fingerprint == VisionTower.random(cfg, seed=4).fingerprint != VisionTower.random(cfg, 5).fingerprint
+    path = tower.save(tmp_path / "random-clip")
+    again = VisionTower.from_dir(path)
+    assert again.fingerprint == tower.fingerprint and again.config == cfg
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = CLIPVisionModel.from_pretrained(path).eval()(pixel_values=pixels, output_hidden_states=True).hidden_states
+    for g, w in zip(again.hidden_states(pixels), want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
