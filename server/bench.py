@@ -9,7 +9,8 @@ source build took 45 minutes on the 2-core sandbox); (f) rooflines from a copy b
 rate measured in this run; (g) time to first token under the load of (a); (h) the requests of
 (b), each constrained by a JSON schema (structured output: a grammar mask per row per step);
 (i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
-(server/bench_kinds.py); (m) concurrency: 16, 32, 64 and 128 requests over 32 adapters with
+(server/bench_kinds.py); (o), (p) image requests through image adapters, with the vision encoding
+and with cached features (server/bench_images.py); (m) concurrency: 16, 32, 64 and 128 requests over 32 adapters with
 `serve`'s default engine settings (tok/s, TTFT, KV-cache memory actually used); (n) a shared
 ~400-token system prompt over 32 requests: TTFT with the prefix cache against without.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_images import bench_tower, format_images, measure_images
 from .bench_kinds import format_kinds, measure_kinds
 from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
 
@@ -79,6 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how many of the per-adapter batches PEFT runs (default 2; all = the full work)")
     p.add_argument("--no-peers", action="store_true", help="skip transformers, PEFT and llama.cpp (c, d, e-peers)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--vision-model", help="image encoder for the image rows (o), (p): an HF CLIP directory "
+                                          "(default: a random ViT-B/32-shaped tower; speed does not depend on weights)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run (a), (b) and (d) this many times and keep each one's best "
                         "(steadier ratios on a shared machine)")
@@ -87,6 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from model.loading import load_model  # noqa: PLC0415
+    from model.vision import load_vision  # noqa: PLC0415
 
     sizes = QUICK if args.quick else BenchSizes()
     overrides = {k: v for k, v in (("requests", args.requests), ("adapters", args.adapters),
@@ -103,14 +108,16 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.path}: transformers/PEFT peers need an HF model directory (or pass --no-peers)")
     if args.repeats < 1:
         raise ValueError("--repeats must be ≥ 1")
-    report = measure(loaded, sizes, peers, args.repeats)
+    vision = load_vision(args.vision_model, str(loaded.model.tok_embeddings.weight.device)) or bench_tower(args.quick)
+    report = measure(loaded, sizes, peers, args.repeats, vision)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 
 
 # ---- the measurements ----------------------------------------------------------------------------
 
-def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
+def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1, vision=None) -> dict:
+    """`vision`: the image adapters' tower (rows (o), (p)); None = a random one (server/bench_images.py)."""
     from adapters.format import metadata_for  # noqa: PLC0415
     from adapters.importers import export_peft  # noqa: PLC0415
     from adapters.registry import AdapterRegistry  # noqa: PLC0415
@@ -162,6 +169,8 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
                 out["llama_cpp"] = {"gguf": gguf.name, "batch1_decode_tok_s": rate}
         out["kinds"] = measure_kinds(loaded, registry, prompts, refs, sizes, peers, Path(tmp), engine_run,
                                      b["tok_s"])
+        out["images"] = measure_images(loaded, registry, prompts, sizes, engine_run, batch_config, b["tok_s"],
+                                       vision or bench_tower(sizes == QUICK))
     out["ratios"] = ratios(out)
     return out
 
@@ -196,23 +205,40 @@ BENCH_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "mi
                 "required": ["story"]}
 
 
+def batch_config(prompts, new_tokens: int, **overrides):
+    """engine_run's default engine: every request in one batch, a cache just big enough."""
+    from .types import EngineConfig  # noqa: PLC0415
+
+    return EngineConfig(**{"max_batch": len(prompts), "max_queue": len(prompts),
+                           "max_tokens_per_step": max(512, len(prompts)),
+                           "max_seq_len": max(map(len, prompts)) + new_tokens, **overrides})
+
+
 def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
-               schema: dict | None = None) -> dict:
+               schema: dict | None = None, vision=None, images=None, warm_up: bool = False) -> dict:
     """All requests submitted at once, the engine stepping on this thread until they finish.
-    `config`: an EngineConfig (default: every request in one batch, a cache just big enough);
-    `schema`: a JSON schema constraining every request's output."""
+    `config`: an EngineConfig (default: batch_config); `schema`: a JSON schema constraining every
+    request's output; `vision` + `images`: each request's image (ImageInput) for image adapters;
+    `warm_up`: run every request once (one token) on the same engine before timing, so its
+    caches (image features; prefix blocks unless the config turns them off) are warm."""
     from .engine import Engine  # noqa: PLC0415
-    from .types import EngineConfig, GenerationRequest, Grammar, SamplingParams  # noqa: PLC0415
+    from .types import GenerationRequest, Grammar, SamplingParams  # noqa: PLC0415
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True,
                             grammar=Grammar("json", schema) if schema is not None else None)
-    config = config or EngineConfig(max_batch=len(prompts), max_queue=len(prompts),
-                                    max_tokens_per_step=max(512, len(prompts)),
-                                    max_seq_len=max(map(len, prompts)) + new_tokens)
-    engine = Engine(loaded, registry, config)
+    config = config or batch_config(prompts, new_tokens)
+    engine = Engine(loaded, registry, config, vision=vision)
+
+    def submit_all(params):
+        return [engine.submit(GenerationRequest(p, params, adapter=ref, images=(images[i],) if images else ()))
+                for i, (p, ref) in enumerate(zip(prompts, adapter_refs))]
     try:
+        if warm_up:
+            submit_all(SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True))
+            engine.run_here(lambda: False)
+        encode_s = engine.stats().image_encode_seconds
         t0 = time.perf_counter()
-        handles = [engine.submit(GenerationRequest(p, params, adapter=ref)) for p, ref in zip(prompts, adapter_refs)]
+        handles = submit_all(params)
         engine.run_here(lambda: False)      # on this thread, as `serve` runs it; returns when idle
         results = [h.wait() for h in handles]
         wall = time.perf_counter() - t0
@@ -225,7 +251,8 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
             "decode_tok_s": (new_tokens - 1) / max(decode_s) if new_tokens > 1 else float("nan"),
             "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
             "kv_used_peak_bytes": stats.kv_cache_bytes * engine.scheduler.blocks_used_peak // stats.kv_blocks_total,
-            "kv_reserved_bytes": stats.kv_cache_bytes, "preemptions": stats.preemptions_total}
+            "kv_reserved_bytes": stats.kv_cache_bytes, "preemptions": stats.preemptions_total,
+            "image_encode_s": stats.image_encode_seconds - encode_s}
 
 
 def serve_config(loaded, **overrides):
@@ -463,6 +490,7 @@ def format_table(r: dict) -> str:
     lines.append(f"{'(h) engine: the requests of (b), each constrained by a JSON schema':70s} "
                  f"{rate(e['constrained_tok_s'])}   {ratio('h_over_b', '(h)/(b)')}")
     lines += format_kinds(r["kinds"], s)
+    lines += format_images(r["images"], s)
     lines.append(f"(m) concurrency over {s['concurrency_adapters']} adapters, serve's default engine "
                  f"({s['concurrency_new_tokens']} new tokens each):")
     for row in r["concurrency"]:

@@ -96,10 +96,8 @@ class VisualPrompts:
     def row_parts(self, rows: list[tuple[RowAdapters, tuple[ImageInput, ...]]]) -> list[RowAdapters | Exception]:
         """Each row's adapters with every visual adapter replaced by its K/V for the row's image
         (or the exception that stopped it: that row alone fails)."""
-        t0 = time.perf_counter()
         features = self._features({(images[0].sha256, tuple(w.feature_layers)): images[0]
                                    for parts, images in rows for w in visual_parts(parts)})
-        self.encode_seconds += time.perf_counter() - t0
         out: list[RowAdapters | Exception] = []
         for parts, images in rows:
             try:
@@ -128,6 +126,7 @@ class VisualPrompts:
             else:
                 missing.setdefault(key[1], []).append(key)
         for layers, keys in missing.items():
+            t0 = time.perf_counter()
             pixels, ok = [], []
             for key in keys:
                 try:
@@ -143,6 +142,8 @@ class VisualPrompts:
             except Exception as e:      # noqa: BLE001 — a device error: these images' requests fail
                 found.update((key, e) for key in ok)
                 continue
+            finally:
+                self.encode_seconds += time.perf_counter() - t0
             self.images_encoded += len(ok)
             for key, f in zip(ok, batch):
                 found[key] = f.clone()      # not a view: a cached row must not hold the whole batch

@@ -378,6 +378,9 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
                                      "n_prefix_cache_ttft_speedup"}
     kinds = report["kinds"]
     assert kinds["lora_tok_s"] > 0 and kinds["mixed_tok_s"] > 0 and kinds["peft_lora_tok_s"] > 0
+    images = report["images"]
+    assert images["images_tok_s"] > 0 and images["cached_images_tok_s"] > 0 and images["encode_ms_per_image"] > 0
+    assert images["cached_encode_s"] == 0       # (p): every image's features came from the cache
     assert set(kinds["cold_load_ms"]) == {"llama-adapter", "lora", "prefix-tuning"}
     assert [row["requests"] for row in report["concurrency"]] == [2, 4]
     assert all(row["tok_s"] > 0 and 0 < row["kv_used_peak_bytes"] <= row["kv_reserved_bytes"]
