@@ -40,12 +40,14 @@ FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF"
 _MIME_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg"}
 _DATA_URL = re.compile(r"data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
 # TGI / LoRAX put images in `inputs` as markdown: ![alt text](url)
-_MARKDOWN_IMAGE = re.compile(r"!\[[^\]\n]*\]\(\s*([^()\s]+)\s*\)")
+# Linear time on hostile text: the alt text holds no bracket or newline (a scan from one "![" stops
+# before the next), and (?=(x))\1 matches x atomically (no backtracking into it on a failed match).
+_MARKDOWN_IMAGE = re.compile(r"!\[(?=([^\[\]\n]*))\1\]\(\s*(?=([^()\s]+))\2\s*\)")
 
 
 def split_markdown_images(text: str) -> tuple[str, list[str]]:
     """'Describe ![](data:...) please' → ('Describe  please', ['data:...'])."""
-    urls = _MARKDOWN_IMAGE.findall(text)
+    urls = [m.group(2) for m in _MARKDOWN_IMAGE.finditer(text)]
     return (_MARKDOWN_IMAGE.sub("", text), urls) if urls else (text, [])
 
 

@@ -77,15 +77,20 @@ def _serve(tiny_loaded, tower, store, **kw):
     return live_server(tiny_loaded, store, vision=tower, settings=settings, max_batch=8, **kw)
 
 
+def _stock(s, tower) -> None:
+    """Two image adapters (different feature layers and prompt lengths), a text adapter, a LoRA."""
+    model = s.loaded.model
+    s.visual = {"vis": random_visual(model, tower, 1), "vis2": random_visual(model, tower, 2, (0, 2), k=5)}
+    for name, w in s.visual.items():
+        _upload(s, name, w)
+    s.upload("alpha", seed=3)
+    _upload(s, "lo", random_lora(model, 4, ("q", "v"), seed=4))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_loaded, tower, tmp_path_factory):
     with _serve(tiny_loaded, tower, tmp_path_factory.mktemp("store")) as s:
-        model = s.loaded.model
-        s.visual = {"vis": random_visual(model, tower, 1), "vis2": random_visual(model, tower, 2, (0, 2), k=5)}
-        for name, w in s.visual.items():
-            _upload(s, name, w)
-        s.upload("alpha", seed=3)
-        _upload(s, "lo", random_lora(model, 4, ("q", "v"), seed=4))
+        _stock(s, tower)
         yield s
 
 
@@ -181,12 +186,7 @@ def test_mixed_batch_rows_equal_their_solo_runs(tiny_loaded, tower, tmp_path):
     together. Each row equals its run alone (tokens exact, logprobs within 1e-4)."""
     with _serve(tiny_loaded, tower, tmp_path, start_engine=False, image_feature_cache=0,
                 prefix_caching=False, max_tokens_per_step=512) as s:
-        model = s.loaded.model
-        s.visual = {"vis": random_visual(model, tower, 1), "vis2": random_visual(model, tower, 2, (0, 2), k=5)}
-        for name, w in s.visual.items():
-            _upload(s, name, w)
-        s.upload("alpha", seed=3)
-        _upload(s, "lo", random_lora(model, 4, ("q", "v"), seed=4))
+        _stock(s, tower)
         a, b, c = (data_url(picture(i)) for i in range(3))
         jobs = [("vis", a), ("vis", b), ("vis2", a), ("alpha", None), ("lo", None), (None, None), ("vis2", c)]
 
