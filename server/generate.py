@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", type=Path, help="adapter file (.safetensors in this project's adapter format)")
     p.add_argument("--vision-model", help="image encoder (HF CLIP directory) an image adapter (llama-adapter-visual) "
                                            "was trained with")
+    p.add_argument("--image", type=Path, help="image file (PNG, JPEG, WebP or single-frame GIF) an image adapter "
+                                                 "is conditioned on (with --vision-model)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -47,6 +49,7 @@ def run_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed)
     params.validate()
     adapter_bytes = args.adapter.read_bytes() if args.adapter is not None else None
+    images = (_image_file(args.image),) if args.image is not None else ()
     loaded = load_model(args.model, weights=args.weights)
     vision = load_vision(args.vision_model, "cpu")
     tok = loaded.tokenizer
@@ -62,7 +65,7 @@ def run_generate(args: argparse.Namespace) -> int:
                               max_seq_len=min(len(prompt_ids) + params.max_new_tokens, loaded.config.max_seq_len))
         engine = Engine(loaded, registry, config, vision=vision)
         try:
-            handle = engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter))
+            handle = engine.submit(GenerationRequest(prompt_ids, params, adapter=adapter, images=images))
             # The engine steps on this thread, the one that loaded the model (Engine.run_here);
             # a thread that runs no torch work prints the stream.
             printer = threading.Thread(target=_print_stream, args=(handle, args.json))
@@ -78,6 +81,17 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def _image_file(path: Path):
+    """The image as the server would take it (same formats and pixel limit; the type comes from the bytes)."""
+    from .images import ImageError, decode_image  # noqa: PLC0415
+    from .routes_common import ServerSettings  # noqa: PLC0415
+
+    try:
+        return decode_image(path.read_bytes(), None, ServerSettings.max_image_pixels, "--image")
+    except ImageError as e:
+        raise SystemExit(f"{path}: {e.message}") from None
 
 
 def _print_stream(handle, quiet: bool) -> None:

@@ -59,10 +59,10 @@ def request_images(ctx: ServerContext, urls: list[str], field: str) -> tuple[Ima
     try:
         if len(urls) > MAX_IMAGES_PER_REQUEST:
             raise ImageError(422, "count", f"{len(urls)} images in one request: at most "
-                          f"{MAX_IMAGES_PER_REQUEST} (a visual adapter conditions on one image)", field)
+                             f"{MAX_IMAGES_PER_REQUEST} (a visual adapter conditions on one image)", field)
         if getattr(ctx.engine, "vision", None) is None:
             raise ImageError(422, "no_vision_model", "this server takes no images: it was started without "
-                          "--vision-model", field)
+                             "--vision-model", field)
         return tuple(load_image(ctx, url, field) for url in urls)
     except ImageError as e:
         ctx.metrics.image_failures.labels(e.reason).inc()
@@ -76,25 +76,26 @@ def load_image(ctx: ServerContext, url: str, field: str) -> ImageInput:
     elif url[:7].lower() == "http://" or url[:8].lower() == "https://":
         if not s.allow_remote_images:
             raise ImageError(422, "remote_disabled", "remote image URLs are off on this server (--allow-remote-images); "
-                          "send the image inline as a data:image/...;base64 URL", field)
+                             "send the image inline as a data:image/...;base64 URL", field)
         data, mime = _fetch(url, s.max_image_bytes, s.remote_image_timeout_s, field)
     else:
         raise ImageError(422, "url", f"image URL must be a data:image/...;base64 URL or http(s), got "
-                      f"{url[:40]!r}", field)
+                         f"{url[:40]!r}", field)
     return decode_image(data, mime, s.max_image_pixels, field)
 
 
 def decode_image(data: bytes, mime: str | None, max_pixels: int, field: str) -> ImageInput:
     """Bytes → RGB image, refusing what is not an allowed format, disagrees with its declared
-    MIME type, has too many pixels (checked from the header, before decoding) or is animated."""
+    MIME type (None: nothing declared, e.g. a local file), has too many pixels (checked from the
+    header, before decoding) or is animated."""
     fmt = _sniff(data)
     if fmt is None:
         raise ImageError(422, "format", "not a PNG, JPEG, WebP or GIF image (SVG and other formats are not "
-                      "accepted)", field)
+                         "accepted)", field)
     mime = _MIME_ALIASES.get(mime, mime)
-    if mime != FORMATS[fmt]:
+    if mime is not None and mime != FORMATS[fmt]:
         raise ImageError(422, "mime_mismatch", f"the image is declared {mime or 'without a type'} but its bytes "
-                      f"are {fmt}", field)
+                         f"are {fmt}", field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -102,7 +103,7 @@ def decode_image(data: bytes, mime: str | None, max_pixels: int, field: str) -> 
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(413, "pixels", f"the image is {width}×{height} = {width * height} pixels: more "
-                              f"than this server's limit of {max_pixels} (--max-image-pixels)", field)
+                                 f"than this server's limit of {max_pixels} (--max-image-pixels)", field)
             if getattr(image, "is_animated", False):
                 raise ImageError(422, "animated", f"animated {fmt} images are not accepted: send one frame", field)
             image.load()
@@ -145,7 +146,7 @@ def _data_url(url: str, max_bytes: int, field: str) -> tuple[bytes, str]:
     return data, m.group(1).strip().lower()
 
 
-def _fetch(url: str, max_bytes: int, timeout_s: float, field: str) -> tuple[bytes, str | None]:
+def _fetch(url: str, max_bytes: int, timeout_s: float, field: str) -> tuple[bytes, str]:
     """GET a remote image with a size cap and a deadline on the whole transfer (httpx's own
     timeouts bound each read, not a server trickling bytes forever)."""
     deadline = time.monotonic() + timeout_s
@@ -165,8 +166,7 @@ def _fetch(url: str, max_bytes: int, timeout_s: float, field: str) -> tuple[byte
                     if time.monotonic() > deadline:
                         raise httpx.ReadTimeout("deadline")
                     chunks.append(chunk)
-                mime = r.headers.get("content-type", "").split(";")[0].strip().lower() or None
-                return b"".join(chunks), mime
+                return b"".join(chunks), r.headers.get("content-type", "").split(";")[0].strip().lower()
     except httpx.TimeoutException:
         raise ImageError(422, "fetch", f"fetching the image took longer than {timeout_s:g} s", field) from None
     except httpx.HTTPError as e:    # connection refused, a redirect to another scheme, too many redirects...
@@ -175,7 +175,7 @@ def _fetch(url: str, max_bytes: int, timeout_s: float, field: str) -> tuple[byte
 
 def _too_many_bytes(size: int, limit: int, field: str) -> ImageError:
     return ImageError(413, "bytes", f"the image is {size} bytes: more than this server's limit of {limit} "
-                   "(--max-image-bytes)", field)
+                      "(--max-image-bytes)", field)
 
 
 class ImageError(ApiError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import threading
 import time
@@ -38,8 +39,13 @@ N_NEW = 6
 
 # ---- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tower(tmp_path_factory):
-    return VisionTower.from_dir(save_tiny_clip_vision(tmp_path_factory.mktemp("clip"), seed=0))
+def clip_dir(tmp_path_factory):
+    return save_tiny_clip_vision(tmp_path_factory.mktemp("clip"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tower(clip_dir):
+    return VisionTower.from_dir(clip_dir)
 
 
 def random_visual(model, tower, seed: int, feature_layers=(1, 3), k: int = 3) -> VisualAdapterWeights:
@@ -241,6 +247,27 @@ def test_prefix_cache_never_serves_another_images_blocks(server, tower):
     again = tokens_and_logprobs(tgi(server, long_prompt + f"![]({data_url(picture(11))})", "vis"))
     assert server.engine.stats().prefix_cache_hits.get("vis", 0) > base_hits   # the same image does
     assert again[0] == got[0] and again[1] == pytest.approx(got[1], abs=1e-5)
+
+
+def test_generate_cli_takes_an_image_file(server, tower, clip_dir, tiny_model_dir, tmp_path, capsys):
+    from adapters.format import metadata_for, save_adapter
+    from server.cli import main
+
+    adapter, image = tmp_path / "vis.safetensors", tmp_path / "picture.jpg"
+    w = server.visual["vis"]
+    save_adapter(adapter, w, metadata_for(w, server.loaded.model, "uploaded", fingerprint=server.loaded.fingerprint))
+    image.write_bytes(picture(4, fmt="JPEG"))
+    args = ["generate", "--model", str(tiny_model_dir), "--weights", "fp32", "--prompt", PROMPT, "--json",
+            "--max-new-tokens", str(N_NEW), "--adapter", str(adapter), "--vision-model", str(clip_dir)]
+    assert main(args + ["--image", str(image)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want_tokens, want_lps = reference(server, tower, "vis", image.read_bytes(), out["prompt_token_ids"])
+    n = len(out["token_ids"])
+    assert out["token_ids"] == want_tokens[:n] and out["logprobs"] == pytest.approx(want_lps[:n], abs=1e-4)
+    assert main(args) == 2 and "send exactly one image" in capsys.readouterr().err
+    image.write_bytes(SVG)
+    with pytest.raises(SystemExit, match="not a PNG, JPEG"):
+        main(args + ["--image", str(image)])
 
 
 # ---- hostile images ---------------------------------------------------------------------------
