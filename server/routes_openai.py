@@ -30,7 +30,7 @@ from server.types import GenerationResult, Grammar, InvalidRequestError, Samplin
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
 _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-           503: {"model": ErrorResponse}}
+           422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 _SSE = {200: {"content": {"text/event-stream": {}}}}
 
 
