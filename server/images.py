@@ -29,6 +29,7 @@ import warnings
 import httpx
 from PIL import Image
 
+from server.metrics import IMAGE_FAILURE_REASONS
 from server.routes_common import ApiError, ServerContext
 from server.types import ImageInput
 
@@ -184,4 +185,5 @@ class ImageError(ApiError):
     def __init__(self, status: int, reason: str, message: str, field: str):
         super().__init__(status, f"{field}: image: {message}", "too_large" if status == 413 else "validation",
                          field)
+        assert reason in IMAGE_FAILURE_REASONS, reason
         self.reason = reason

@@ -28,6 +28,9 @@ BASE_LABEL = "(base)"
 UNKNOWN_LABEL = "(unknown)"   # requests naming an adapter that does not exist
 PREFIX = "adapter_server"
 
+# Why server/images.py refused an image (413: bytes, pixels; the others 422).
+IMAGE_FAILURE_REASONS = ("bytes", "pixels", "format", "mime_mismatch", "animated", "decode", "url",
+                         "remote_disabled", "fetch", "count", "no_vision_model")
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -129,6 +132,8 @@ class ServerMetrics:
             self.auth_rejected.labels("", reason)
         self.image_failures = Counter(f"{PREFIX}_image_input_failures", "Image inputs refused before "
                                       "generation (server/images.py), by reason.", ["reason"], registry=r)
+        for reason in IMAGE_FAILURE_REASONS:           # exposed at 0 from the start, for alerts
+            self.image_failures.labels(reason)
         self.admin_operations = Counter(f"{PREFIX}_admin_operations", "Admin API calls.",
                                         ["operation", "status"], registry=r)
         r.register(_LiveStatsCollector(engine_stats, pool_stats, kv_cache_write_failures))
