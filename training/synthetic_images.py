@@ -10,7 +10,7 @@ with other partners. The test split is made of those unseen pairs (at any positi
 held-out score needs the adapter to read colour and shape from the image separately, not to
 memorise pictures.
 
-Also written: `encoder/`, a tiny CLIP ViT in HF layout (48 px images, 6 px patches, 3 layers,
+Also written: `encoder/`, a tiny CLIP ViT in HF layout (48 px images, 8 px patches, 3 layers,
 width 64) to pass as `--vision-model`. No small trained CLIP ships inside a Python package, and a
 seeded random tower does not separate shapes (a held-out linear probe reads colour ~0.9 but
 shape at chance), so the tower is first trained for a few seconds to name colour and shape on
@@ -106,14 +106,14 @@ def demo_encoder_config():
     from model.vision import VisionConfig  # noqa: PLC0415
 
     return VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                        image_size=IMAGE_SIZE, patch_size=6, resize_shortest=IMAGE_SIZE, crop_size=IMAGE_SIZE,
+                        image_size=IMAGE_SIZE, patch_size=8, resize_shortest=IMAGE_SIZE, crop_size=IMAGE_SIZE,
                         name="tiny-clip-demo")
 
 
 DEMO_FEATURE_LAYERS = (1, 2, 3)
 
 
-def pretrain_encoder(n_images: int = 1200, steps: int = 400, seed: int = 0, batch: int = 32):
+def pretrain_encoder(n_images: int = 1200, steps: int = 250, seed: int = 0, batch: int = 32):
     """A tiny CLIP ViT trained to name colour and shape (two linear heads on its multi-scale
     global feature, dropped afterwards), standing in for a real CLIP, which knows colours and
     shapes (a random tower does not separate shapes: held-out linear probe at chance).
