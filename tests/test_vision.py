@@ -99,3 +99,13 @@ def test_random_tower_saves_in_hf_layout(tmp_path):
         want = CLIPVisionModel.from_pretrained(path).eval()(pixel_values=pixels, output_hidden_states=True).hidden_states
     for g, w in zip(again.hidden_states(pixels), want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+def test_load_vision_is_what_vision_model_flags_load(tmp_path):
+    from model.vision import load_vision
+    assert load_vision(None) is None and load_vision("") is None
+    path = save_tiny_clip_vision(tmp_path / "clip", seed=2)
+    tower = load_vision(path)
+    assert tower.fingerprint == VisionTower.from_dir(path).fingerprint
+    assert not any(p.requires_grad for p in tower.parameters()) and not tower.training
+    assert tower.class_embedding.dtype == torch.float32

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from .config import METHOD_BLR, METHODS, TrainConfig, load_recipe
+from .config import METHOD_BLR, METHODS, VISUAL_METHOD, TrainConfig, load_recipe
 
 ADMIN_TOKEN_ENV = "ADAPTER_SERVER_ADMIN_TOKEN"
 log = logging.getLogger("training")
@@ -16,19 +16,20 @@ log = logging.getLogger("training")
 # flag dest → TrainConfig field; None means "not given", so recipe/defaults stay.
 _CONFIG_FLAGS = ("model", "method", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "adapter_len",
                  "adapter_layers", "lora_rank", "lora_alpha", "lora_rslora", "lora_targets", "seed", "eval_every",
-                 "max_len")
+                 "max_len", "feature_layers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--data", type=Path, required=True,
-                   help="Alpaca JSON/JSONL ({instruction, input, output}) or chat JSONL ({messages})")
+                   help="Alpaca JSON/JSONL ({instruction, input, output}) or chat JSONL ({messages}); "
+                        "image instructions add {image: path relative to the file} (--method llama-adapter-visual)")
     p.add_argument("--out", type=Path, help="write the adapter file here")
     p.add_argument("--name", help="store the adapter under this name (in --store, or on --server)")
     p.add_argument("--model", help=f"base model: 'default' or a model path (default {d.model!r})")
     p.add_argument("--method", choices=METHODS,
-                   help=f"adapter kind to train (default {d.method}): LLaMA-Adapter prompts and gates, LoRA, "
-                        "or prefix tuning")
+                   help=f"adapter kind to train (default {d.method}): LLaMA-Adapter prompts and gates, the "
+                        "image-conditioned LLaMA-Adapter (needs --vision-model and image data), LoRA, or prefix tuning")
     p.add_argument("--epochs", type=float, help=f"passes over the data (default {d.epochs:g})")
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     p.add_argument("--lr", type=float, help="peak learning rate (default blr × effective batch / 256, blr "
@@ -46,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", type=lambda s: tuple(s.split(",")),
                    help=f"projections LoRA adapts, comma-separated from q,k,v,o,gate,up,down "
                         f"(default {','.join(d.lora_targets)})")
+    p.add_argument("--vision-model", type=Path, metavar="DIR",
+                   help="image encoder for llama-adapter-visual: an HF CLIP (vision) directory, frozen; the "
+                        "adapter records its fingerprint and is served only with the same encoder")
+    p.add_argument("--feature-layers", type=lambda s: tuple(int(x) for x in s.split(",")),
+                   help="encoder hidden states (0 = embeddings) whose class tokens make the image feature, "
+                        "comma-separated (default: four evenly spaced, the last one included)")
     p.add_argument("--seed", type=int, help=f"seed for init, data split and order (default {d.seed})")
     p.add_argument("--resume", type=Path, metavar="DIR",
                    help="checkpoint directory: continue from its checkpoint if present, save there")
@@ -61,8 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train an adapter (LLaMA-Adapter, LoRA, prefix tuning) on "
-                                            "instruction data",
+    p = subparsers.add_parser("train", help="train an adapter (LLaMA-Adapter, image LLaMA-Adapter, LoRA, "
+                                            "prefix tuning) on instruction data",
                               description="Train an adapter on a frozen base model: adaption prompts and "
                                           "gates, LoRA, or prefix tuning (--method). "
                                           "Multi-process: torchrun --nproc_per_node N -m training ...")
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(cfg.model, device=ctx.device)
         data = load_dataset(args.data, loaded.tokenizer, cfg.max_len, cfg.eval_fraction,
                             cfg.eval_max_examples, cfg.seed)
+        vision, images = _image_inputs(args, cfg, data, ctx)
         if ctx.is_main:
             log.info("data %s: %d train / %d eval examples (%d truncated to %d tokens, %d dropped)",
                      args.data, len(data.train), len(data.eval), data.n_truncated, cfg.max_len, data.n_dropped)
@@ -114,13 +122,42 @@ def run(args: argparse.Namespace) -> int:
                      checkpoint_dir, checkpoint_dir)
         pad_id = loaded.tokenizer.eos_id if loaded.tokenizer.eos_id is not None else 0
         started = time.perf_counter()
-        result = train(cfg, loaded.model, data, ctx, pad_id, checkpoint_dir, resume=args.resume is not None)
+        result = train(cfg, loaded.model, data, ctx, pad_id, checkpoint_dir, resume=args.resume is not None,
+                       images=images)
         if ctx.is_main:   # the other ranks are done: nothing after training needs them
             _publish(args, cfg, loaded, data, result, ctx.world_size, checkpoint_dir,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, vision)
     finally:
         ctx.close()
     return 0
+
+
+def _image_inputs(args: argparse.Namespace, cfg: TrainConfig, data, ctx):
+    """(encoder, each example's image feature) for an image adapter; (None, None) otherwise."""
+    visual = cfg.method == VISUAL_METHOD
+    if data.has_images != visual:
+        raise ValueError(f"{args.data} has images: train an image adapter with --method {VISUAL_METHOD} "
+                         "--vision-model DIR" if data.has_images else
+                         f"--method {VISUAL_METHOD} needs image-instruction data ({{image, instruction, output}})")
+    if not visual:
+        return None, None
+    if args.vision_model is None:
+        raise ValueError(f"--method {VISUAL_METHOD} needs --vision-model DIR (an HF CLIP vision model)")
+    from model.vision import check_feature_layers, load_vision  # noqa: PLC0415
+
+    from .model import ImageFeatures, image_features  # noqa: PLC0415
+
+    vision = load_vision(args.vision_model, ctx.device)
+    layers = cfg.resolved_feature_layers(vision.config.num_hidden_layers)
+    check_feature_layers(layers, vision.config)
+    started = time.perf_counter()
+    images = ImageFeatures(image_features(vision, data.train, layers), image_features(vision, data.eval, layers),
+                           layers, vision.fingerprint)
+    if ctx.is_main:
+        log.info("image encoder %s (%s): features of layers %s (%d values per image) for %d images in %.1fs",
+                 args.vision_model, vision.describe(), ",".join(map(str, layers)), images.train.shape[1],
+                 len({e.image for e in data.train + data.eval}), time.perf_counter() - started)
+    return vision, images
 
 
 def _default_checkpoint_dir(args: argparse.Namespace) -> Path:
@@ -130,7 +167,7 @@ def _default_checkpoint_dir(args: argparse.Namespace) -> Path:
 
 
 def _publish(args, cfg: TrainConfig, loaded, data, result, world_size: int, checkpoint_dir: Path,
-             seconds: float) -> None:
+             seconds: float, vision=None) -> None:
     from adapters.format import metadata_for  # noqa: PLC0415
     from adapters.importers import adapter_file_bytes  # noqa: PLC0415
     from adapters.validation import write_validated_adapter  # noqa: PLC0415
@@ -155,12 +192,12 @@ def _publish(args, cfg: TrainConfig, loaded, data, result, world_size: int, chec
     print(summary)
     print(f"loss curve: {plot_path}")
     if args.out is not None:
-        write_validated_adapter(args.out, result.weights, meta, loaded.model, loaded.fingerprint)
+        write_validated_adapter(args.out, result.weights, meta, loaded.model, loaded.fingerprint, vision)
         print(f"adapter: {args.out} ({result.weights.param_count()} parameters)")
     if args.name:
         data_bytes = adapter_file_bytes(result.weights, meta)
         if args.store is not None or not args.server:
-            ref = publish.add_to_store(args.store, args.name, data_bytes, loaded)
+            ref = publish.add_to_store(args.store, args.name, data_bytes, loaded, vision)
             print(f"stored as {ref}")
         if args.server:
             token = args.admin_token or os.environ[ADMIN_TOKEN_ENV]

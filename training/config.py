@@ -14,10 +14,11 @@ from typing import Any
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
-METHODS = ("llama-adapter", "lora", "prefix-tuning")
+METHODS = ("llama-adapter", "llama-adapter-visual", "lora", "prefix-tuning")
+VISUAL_METHOD = "llama-adapter-visual"
 # Base learning rate per method when neither --lr nor blr is given (lr = blr × eff batch / 256).
 # LoRA's B starts at zero and its delta grows with lr²-like speed: 10× lower than the prompts'.
-METHOD_BLR = {"llama-adapter": 0.64, "lora": 0.064, "prefix-tuning": 0.32}
+METHOD_BLR = {"llama-adapter": 0.64, "llama-adapter-visual": 0.64, "lora": 0.064, "prefix-tuning": 0.32}
 
 
 @dataclass
@@ -38,6 +39,12 @@ class TrainConfig:
     lora_rslora: bool = False
     lora_targets: tuple[str, ...] = ("q", "v")
     prompt_init_std: float = 0.02
+    # Image adapters (--method llama-adapter-visual): the encoder hidden states whose class tokens
+    # make the image feature (None = four evenly spaced, ending at the last: 6,12,18,24 for CLIP-L),
+    # and the projection's learning rate relative to the prompts' (it sums over F features, so an
+    # equal step would move its output ~F times further than a prompt moves).
+    feature_layers: tuple[int, ...] | None = None
+    visual_proj_lr_ratio: float = 0.05
     # Optimisation (paper: AdamW betas (0.9, 0.95), wd 0.02, lr = blr * eff_batch / 256).
     epochs: float = 6.0
     max_steps: int | None = None         # overrides epochs: the schedule spans exactly this many steps
@@ -64,6 +71,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives a list
         self.lora_targets = tuple(self.lora_targets)
+        if self.feature_layers is not None:
+            self.feature_layers = tuple(self.feature_layers)
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
             (1 <= self.lora_rank <= 128, "lora_rank must be in [1, 128]"),
@@ -83,10 +92,19 @@ class TrainConfig:
             (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every/checkpoint_every must be >= 0"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or null"),
+            (self.feature_layers is None or (len(self.feature_layers) > 0 and list(self.feature_layers) == sorted(
+                set(self.feature_layers)) and self.feature_layers[0] >= 0),
+             "feature_layers must be ascending, distinct, non-negative encoder layer numbers"),
+            (self.visual_proj_lr_ratio > 0, "visual_proj_lr_ratio must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"training config: {message}")
+
+    def resolved_feature_layers(self, n_encoder_layers: int) -> tuple[int, ...]:
+        if self.feature_layers is not None:
+            return tuple(self.feature_layers)
+        return tuple(sorted({max(1, round(n_encoder_layers * i / 4)) for i in (1, 2, 3, 4)}))
 
     def effective_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size
@@ -99,6 +117,8 @@ class TrainConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         d["lora_targets"] = list(self.lora_targets)
+        if self.feature_layers is not None:
+            d["feature_layers"] = list(self.feature_layers)
         return d
 
     @classmethod

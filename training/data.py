@@ -4,6 +4,8 @@ Two input shapes, one file each, JSON array or JSON Lines:
   Alpaca  {"instruction", "input" (optional), "output"} rendered with the Stanford Alpaca template
   chat    {"messages": [{"role", "content"}, ...]} rendered with the base model's chat template,
           loss on the assistant turns only.
+Image instructions (image adapters) add {"image": path} to an Alpaca record, the path relative to
+the data file; every record of such a file has one. The text is encoded exactly as without it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class DataError(ValueError):
 class Example:
     input_ids: list[int]
     labels: list[int]      # same length; IGNORE over the prompt (and the chat scaffolding)
+    image: Path | None = None   # image instructions: the image file
 
     @property
     def n_targets(self) -> int:
@@ -145,6 +148,15 @@ def encode_chat(messages: Any, tokenizer, where: str) -> Example:
     return Example(ids, labels)
 
 
+def image_path(rec: dict[str, Any], base: Path, where: str) -> Path:
+    if "messages" in rec or not isinstance(rec["image"], str) or not rec["image"]:
+        raise DataError(f"{where}: 'image' must be a file path (string) in an Alpaca record")
+    image = base / rec["image"]
+    if not image.is_file():
+        raise DataError(f"{where}: image {image} not found")
+    return image
+
+
 @dataclass
 class Dataset:
     train: list[Example]
@@ -153,16 +165,26 @@ class Dataset:
     n_truncated: int
     n_dropped: int     # prompt alone filled max_len: nothing left to learn
 
+    @property
+    def has_images(self) -> bool:
+        return self.train[0].image is not None
+
 
 def load_dataset(path: str | Path, tokenizer, max_len: int, eval_fraction: float,
                  eval_max_examples: int, seed: int) -> Dataset:
     records = read_records(path)
     examples, n_trunc, n_drop = [], 0, 0
+    with_images = sum("image" in rec for rec in records)
+    if 0 < with_images < len(records):
+        raise DataError(f"{path}: {with_images} of {len(records)} records have an 'image'; an image-instruction "
+                        "file needs one in every record")
     for i, rec in enumerate(records):
         ex = encode_record(rec, tokenizer, f"{path}: record {i}")
+        if with_images:
+            ex.image = image_path(rec, Path(path).parent, f"{path}: record {i}")
         if len(ex.input_ids) > max_len:
             n_trunc += 1
-            ex = Example(ex.input_ids[:max_len], ex.labels[:max_len])
+            ex = Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.image)
         if ex.n_targets == 0:
             n_drop += 1
             continue

@@ -26,7 +26,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import Dataset, Example, collate, plan_epoch, rank_slice
 from .distributed import DistContext
-from .model import LowerStates, Trainable, freeze, make_trainable
+from .model import ImageFeatures, LowerStates, Trainable, freeze, make_trainable
 
 log = logging.getLogger("training")
 
@@ -71,8 +71,10 @@ class Schedule:
 
 def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          on_step: Callable[[dict[str, Any]], None] | None = None, progress: bool = True) -> TrainResult:
+          on_step: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
+          images: ImageFeatures | None = None) -> TrainResult:
     """Train an adapter on `base` (frozen here). Returns the final weights on every rank.
+    `images`: the examples' image features, for an image adapter (llama-adapter-visual).
 
     Checkpoints go to `checkpoint_dir`; with `resume` the run continues from the one there
     (if any). `on_step` sees each step's record (step, train_loss, lr, eval_loss...).
@@ -80,12 +82,16 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
     torch.manual_seed(cfg.seed)
     freeze(base)
     device = ctx.device
-    adapter = make_trainable(cfg, base.config).to(device)
+    adapter = make_trainable(cfg, base.config, images).to(device)
     sched = Schedule.for_run(cfg, len(data.train), ctx.world_size)
     eff = cfg.effective_batch(ctx.world_size)
     peak_lr = cfg.peak_lr(ctx.world_size)
     params = list(adapter.parameters())
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    proj = [p for n, p in adapter.named_parameters() if n.startswith("proj_")]
+    groups = [{"params": [p for n, p in adapter.named_parameters() if not n.startswith("proj_")]}]
+    if proj:   # the image projection sums over F features: it gets a smaller step (config)
+        groups.append({"params": proj, "lr": peak_lr * cfg.visual_proj_lr_ratio})
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: sched.lr_factor(s, cfg.min_lr / peak_lr))
     # bf16 autocast on CUDA (the frozen base is loaded in bf16 there); plain fp32 on CPU.
@@ -94,6 +100,7 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
 
     run_key = {"data_sha256": data.sha256, "base_fingerprint": base_fingerprint(base),
                "effective_batch": eff, "total_steps": sched.total_steps,
+               "encoder_fingerprint": images.encoder_fingerprint if images is not None else None,
                "config": {k: v for k, v in cfg.to_dict().items()
                           if k not in ("eval_every", "checkpoint_every", "model")}}
     step, history = 0, []
@@ -149,8 +156,9 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
             tokens, labels = collate([data.train[i] for i in indices], pad_id)
             tokens, labels = tokens.to(device), labels.to(device)
             lower = train_states.get(indices, tokens)
+            features = images.train[indices] if images is not None else None
             with autocast:
-                loss = adapter.summed_loss(base, lower, labels)
+                loss = adapter.summed_loss(base, lower, labels, features)
             (loss / n_targets).backward()
             loss_sum += loss.detach()
         ctx.all_reduce_sum([*(p.grad for p in params), loss_sum])
@@ -169,7 +177,7 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
         if step == sched.total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if data.eval:
                 record["eval_loss"] = evaluate(adapter, base, data.eval, eval_states, ctx, cfg.batch_size,
-                                               pad_id, autocast)
+                                               pad_id, autocast, images.eval if images is not None else None)
         history.append(record)
         elapsed = time.perf_counter() - t_start
         bar.update(1)
@@ -191,8 +199,10 @@ def train(cfg: TrainConfig, base, data: Dataset, ctx: DistContext, pad_id: int,
 
 @torch.no_grad()
 def evaluate(adapter: Trainable, base, examples: list[Example], states: LowerStates,
-             ctx: DistContext, batch_size: int, pad_id: int, autocast) -> float:
-    """Token-mean loss over the held-out examples, sharded across ranks."""
+             ctx: DistContext, batch_size: int, pad_id: int, autocast,
+             features: torch.Tensor | None = None) -> float:
+    """Token-mean loss over the held-out examples, sharded across ranks (`features`: their image
+    features, for an image adapter)."""
     mine = sorted(range(ctx.rank, len(examples), ctx.world_size), key=lambda i: len(examples[i].input_ids))
     totals = torch.zeros(2, device=ctx.device, dtype=torch.float64)   # [loss sum, targets]
     for start in range(0, len(mine), batch_size):
@@ -201,7 +211,8 @@ def evaluate(adapter: Trainable, base, examples: list[Example], states: LowerSta
         tokens, labels = tokens.to(ctx.device), labels.to(ctx.device)
         lower = states.get(indices, tokens)
         with autocast:
-            totals[0] += adapter.summed_loss(base, lower, labels).double()
+            totals[0] += adapter.summed_loss(base, lower, labels,
+                                             features[indices] if features is not None else None).double()
         totals[1] += sum(examples[i].n_targets for i in indices)
     ctx.all_reduce_sum([totals])
     return float(totals[0] / totals[1])

@@ -1,5 +1,7 @@
 """The trainable part over a frozen base model, one class per method (`--method`):
   * LLaMA-Adapter: adaption prompts and zero-initialised gates;
+  * image LLaMA-Adapter: the same, plus the projection of each example's (precomputed) image
+    feature, added to every prompt (model.adapter.compute_visual_adapter_kv, per example);
   * LoRA: A (PEFT's Kaiming-uniform init) and B (zeros) per target projection;
   * prefix tuning: per-layer prefix keys/values.
 Each starts at (LoRA, LLaMA-Adapter) or near (prefix tuning) the base model, and enters it
@@ -15,18 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.adapter import AdapterBatch, AdapterWeights, compute_adapter_kv
+from model.adapter import (AdapterBatch, AdapterWeights, VisualAdapterWeights, compute_adapter_kv,
+                           compute_visual_adapter_kv)
 from model.batch_adapters import BatchAdapters
 from model.config import ModelConfig
 from model.lora import LoraBatch, LoraWeights, target_shape
 from model.prefix_tuning import PrefixBatch, PrefixWeights
 
-from .data import IGNORE, Example, collate
+from .data import IGNORE, DataError, Example, collate
 
 # Budget for per-example lower-layer states kept across epochs (beyond it they are recomputed).
 LOWER_STATES_BUDGET_BYTES = 1 << 30
@@ -53,10 +57,13 @@ class Trainable(nn.Module):
         """Hidden states [B, T, dim] entering the first adapted layer (adapter-independent)."""
         return base.run_layers(base.tok_embeddings(tokens), layers=range(self.first_layer))
 
-    def summed_loss(self, base, lower: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of next-token cross-entropies over the target positions (the caller normalises)."""
-        h = base.run_layers(lower, adapters=self.batch_adapters(base, lower.shape[0]),
-                            layers=range(self.first_layer, self.n_layers))
+    def summed_loss(self, base, lower: torch.Tensor, labels: torch.Tensor,
+                    features: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of next-token cross-entropies over the target positions (the caller normalises);
+        `features` [B, F]: each example's image feature (image adapters only)."""
+        adapters = (self.batch_adapters(base, lower.shape[0]) if features is None
+                    else self.image_batch_adapters(base, features))
+        h = base.run_layers(lower, adapters=adapters, layers=range(self.first_layer, self.n_layers))
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = base.output(base.norm(h[:, :-1][keep])).float()    # [N_targets, V]
@@ -85,6 +92,47 @@ class TrainableAdapter(Trainable):
     def export(self) -> AdapterWeights:
         w = self.weights()
         return AdapterWeights(list(w.layers), w.prompts.detach().float().cpu(), w.gates.detach().float().cpu())
+
+
+class TrainableVisualAdapter(TrainableAdapter):
+    """Prompts and gates as TrainableAdapter, plus the image projection. It is trained on
+    standardised features z = (f - mean) / std (training-set statistics, so one learning rate
+    suits every encoder's feature scale); `export` folds that into the projection, W/std and
+    b - (W/std)·mean, so the served adapter takes raw features and computes the same thing."""
+
+    def __init__(self, cfg: ModelConfig, adapter_len: int, adapter_layers: int, gate_kind: str,
+                 init_std: float, seed: int, feature_mean: torch.Tensor, feature_std: torch.Tensor,
+                 feature_layers: tuple[int, ...], encoder_fingerprint: str):
+        super().__init__(cfg, adapter_len, adapter_layers, gate_kind, init_std, seed)
+        n_feat = feature_mean.numel()
+        g = torch.Generator().manual_seed(seed + 1)
+        # Small random, not zero: with zero gates no gradient reaches it before the gates open,
+        # and a zero start would make every image look the same to the first gate updates.
+        self.proj_weight = nn.Parameter(torch.randn(cfg.dim, n_feat, generator=g) * init_std / n_feat ** 0.5)
+        self.proj_bias = nn.Parameter(torch.zeros(cfg.dim))
+        self.register_buffer("feature_mean", feature_mean.float().clone())
+        self.register_buffer("feature_std", feature_std.float().clamp_min(1e-6).clone())
+        self.feature_layers, self.encoder_fingerprint = tuple(feature_layers), encoder_fingerprint
+
+    def standardised_weights(self) -> VisualAdapterWeights:
+        w = self.weights()
+        return VisualAdapterWeights(w.layers, w.prompts, w.gates, self.proj_weight, self.proj_bias,
+                                    self.feature_layers, self.encoder_fingerprint)
+
+    def image_batch_adapters(self, base, features: torch.Tensor) -> AdapterBatch:
+        """One AdapterKV per example (its image's prompts), stacked differentiably."""
+        weights = self.standardised_weights()
+        z = (features.to(self.feature_mean.device) - self.feature_mean) / self.feature_std
+        kvs = [compute_visual_adapter_kv(base, weights, row) for row in z]
+        return AdapterBatch.build(kvs, base.config.n_layers)
+
+    def export(self) -> VisualAdapterWeights:
+        w = self.standardised_weights()
+        proj = (w.proj_weight / self.feature_std).detach()
+        bias = (w.proj_bias - proj @ self.feature_mean).detach()
+        return VisualAdapterWeights(list(w.layers), w.prompts.detach().float().cpu(), w.gates.detach().float().cpu(),
+                                    proj.float().cpu(), bias.float().cpu(), self.feature_layers,
+                                    self.encoder_fingerprint)
 
 
 class TrainableLora(Trainable):
@@ -135,8 +183,13 @@ class TrainablePrefix(Trainable):
         return PrefixWeights(self.keys.detach().float().cpu(), self.values.detach().float().cpu())
 
 
-def make_trainable(cfg, model_cfg: ModelConfig) -> Trainable:
-    """The trainable adapter `cfg.method` asks for (cfg: training.config.TrainConfig)."""
+def make_trainable(cfg, model_cfg: ModelConfig, images: "ImageFeatures | None" = None) -> Trainable:
+    """The trainable adapter `cfg.method` asks for (cfg: training.config.TrainConfig); an image
+    adapter also needs the examples' image features."""
+    if images is not None:
+        return TrainableVisualAdapter(model_cfg, cfg.adapter_len, cfg.adapter_layers, cfg.gate_kind,
+                                      cfg.prompt_init_std, cfg.seed, images.train.mean(0), images.train.std(0),
+                                      images.feature_layers, images.encoder_fingerprint)
     if cfg.method == "lora":
         return TrainableLora(model_cfg, cfg.lora_rank, cfg.lora_alpha, cfg.lora_rslora, tuple(cfg.lora_targets),
                              cfg.adapter_layers, cfg.seed)
@@ -144,6 +197,42 @@ def make_trainable(cfg, model_cfg: ModelConfig) -> Trainable:
         return TrainablePrefix(model_cfg, cfg.adapter_len, cfg.prompt_init_std, cfg.seed)
     return TrainableAdapter(model_cfg, cfg.adapter_len, cfg.adapter_layers, cfg.gate_kind,
                             cfg.prompt_init_std, cfg.seed)
+
+
+@dataclass
+class ImageFeatures:
+    """Each example's image feature, computed once before training (the encoder is frozen)."""
+
+    train: torch.Tensor                # [N_train, F]
+    eval: torch.Tensor                 # [N_eval, F]
+    feature_layers: tuple[int, ...]
+    encoder_fingerprint: str
+
+
+@torch.no_grad()
+def image_features(vision, examples: list[Example], layers: tuple[int, ...], batch_size: int = 32) -> torch.Tensor:
+    """[N, F] multi-scale global features of the examples' images (each distinct file encoded once)."""
+    from PIL import Image  # noqa: PLC0415
+
+    from model.image_preprocess import preprocess  # noqa: PLC0415
+
+    paths = sorted({e.image for e in examples})
+    found: dict = {}
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = []
+        for p in chunk:
+            try:
+                with Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+            except OSError as e:
+                raise DataError(f"image {p}: cannot be read ({e})") from None
+        pixels = preprocess(images, vision.config).to(vision.class_embedding.device)
+        for p, f in zip(chunk, vision.global_features(pixels, layers).float().cpu()):
+            found[p] = f
+    if not examples:
+        return torch.zeros(0, len(layers) * vision.width)
+    return torch.stack([found[e.image] for e in examples])
 
 
 class LowerStates:

@@ -10,12 +10,13 @@ from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 
 
-def add_to_store(store_dir: Path | None, name: str, data: bytes, loaded) -> str:
+def add_to_store(store_dir: Path | None, name: str, data: bytes, loaded, vision=None) -> str:
     """Store as the next version of `name` (validated, prefix K/V cached); returns "name@N".
+    `vision`: the image encoder an image adapter is checked against.
 
     A server watching the same store serves it from its next request on.
     """
-    registry = AdapterRegistry(AdapterStore(store_dir), loaded.model, loaded.fingerprint)
+    registry = AdapterRegistry(AdapterStore(store_dir), loaded.model, loaded.fingerprint, vision=vision)
     return registry.upload(name, data, source="trained").ref
 
 
