@@ -16,6 +16,7 @@ from .adapter import AdapterBatch, adapter_attention
 from .batch_adapters import BatchAdapters, LayerAdapters
 from .config import ModelConfig
 from .kv_cache import PagedKVCache, slots_for
+from .lora import LoraLayer
 from .packed_linear import Int4Weight, PackedLinear, pack_linear, packing_available
 from .rope import apply_rope, rope_table
 
@@ -61,18 +62,31 @@ class Attention(nn.Module):
             return self.wqkv(x)[1:]
         return self.wk(x), self.wv(x)
 
+    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    lora: LoraLayer | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] → q [B, H, T, D] and k [B, Hkv, T, D] with RoPE applied, v [B, Hkv, T, D]."""
+        b, t, _ = x.shape
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None and lora is None:
+            # q and k are adjacent heads of the one packed product: one RoPE over both (decode is
+            # launch-bound), element for element the same arithmetic as rotating each apart.
+            qkv = self.wqkv.product(x).view(b, t, h + 2 * hkv, d).transpose(1, 2)
+            qk = apply_rope(qkv[:, :h + hkv], cos, sin)
+            return qk[:, :h], qk[:, h:], qkv[:, h + hkv:]
+        q, k, v = self.project_qkv(x)
+        if lora is not None:     # each row's LoRA delta on the split q/k/v outputs
+            q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
+        q = q.view(b, t, h, d).transpose(1, 2)
+        k = k.view(b, t, hkv, d).transpose(1, 2)
+        v = v.view(b, t, hkv, d).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_StepContext",
                 adapter: LayerAdapters | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.project_qkv(x)
         lora = adapter.lora if adapter is not None else None
-        if lora is not None:     # each row's LoRA delta on the split q/k/v outputs
-            q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
+        q, k, v = self.rotated_qkv(x, cos, sin, lora)
         prefix = adapter.prefix if adapter is not None else None
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is None and prefix is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
         elif ctx.cache is None:
