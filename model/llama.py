@@ -16,6 +16,7 @@ from .adapter import AdapterBatch, adapter_attention
 from .batch_adapters import BatchAdapters, LayerAdapters
 from .config import ModelConfig
 from .kv_cache import PagedKVCache, slots_for
+from .lora import LoraLayer
 from .packed_linear import Int4Weight, PackedLinear, pack_linear, packing_available
 from .rope import apply_rope, rope_table
 
@@ -44,6 +45,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.wqkv: PackedLinear | None = None    # replaces wq/wk/wv once packed for CPU inference
+        self.fused_adapter_attention = False     # model/adapter.py adapter_attention(fused=…)
 
     def pack(self, linear: "PackLinear") -> None:
         self.wqkv = linear("wq", "wk", "wv")
@@ -61,18 +63,31 @@ class Attention(nn.Module):
             return self.wqkv(x)[1:]
         return self.wk(x), self.wv(x)
 
+    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    lora: LoraLayer | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] → q [B, H, T, D] and k [B, Hkv, T, D] with RoPE applied, v [B, Hkv, T, D]."""
+        b, t, _ = x.shape
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None and lora is None:
+            # q and k are adjacent heads of the one packed product: one RoPE over both (decode is
+            # launch-bound), element for element the same arithmetic as rotating each apart.
+            qkv = self.wqkv.product(x).view(b, t, h + 2 * hkv, d).transpose(1, 2)
+            qk = apply_rope(qkv[:, :h + hkv], cos, sin)
+            return qk[:, :h], qk[:, h:], qkv[:, h + hkv:]
+        q, k, v = self.project_qkv(x)
+        if lora is not None:     # each row's LoRA delta on the split q/k/v outputs
+            q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
+        q = q.view(b, t, h, d).transpose(1, 2)
+        k = k.view(b, t, hkv, d).transpose(1, 2)
+        v = v.view(b, t, hkv, d).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_StepContext",
                 adapter: LayerAdapters | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.project_qkv(x)
         lora = adapter.lora if adapter is not None else None
-        if lora is not None:     # each row's LoRA delta on the split q/k/v outputs
-            q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
+        q, k, v = self.rotated_qkv(x, cos, sin, lora)
         prefix = adapter.prefix if adapter is not None else None
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is None and prefix is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
         elif ctx.cache is None:
@@ -89,7 +104,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=ctx.mask)
             out = out.view(b, self.n_heads, t, self.head_dim)
         for gated in adapter.gated if adapter is not None else ():
-            out = out + adapter_attention(q, gated)
+            out = out + adapter_attention(q, gated, self.fused_adapter_attention)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         y = self.wo(out)
         return lora.add("o", out, y) if lora is not None else y
@@ -212,6 +227,8 @@ class Transformer(nn.Module):
 
         for i, layer in enumerate(self.layers):
             layer.attention.pack(packer(f"layers.{i}.attention"))
+            # fp32 stays the reference arithmetic; the other modes already round far more.
+            layer.attention.fused_adapter_attention = mode != "fp32"
             layer.feed_forward.pack(packer(f"layers.{i}.feed_forward"))
         # A 4-bit output head costs most of int4's accuracy (on the default model, top-1 agreement
         # with fp32 0.83 with it against 0.97 with an int8 head): it stays int8.

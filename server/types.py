@@ -211,8 +211,11 @@ class EngineConfig:
     prefix_caching: bool = True         # reuse full prompt blocks across requests (same base/adapter version)
     device: str | None = None           # None = the loaded model's device; must match it if given
     dtype: str | None = None            # "float32" | "bfloat16" | "float16"; None = the model's
-    compile: bool = False               # torch.compile the decode forward: for CUDA (on CPU, inductor
-                                        # ran the default model's decode ~2× slower than eager)
+    compile: bool = False               # torch.compile the decode forward: for CUDA. On CPU inductor
+                                        # cannot lower the packed oneDNN linears (it wants frozen
+                                        # constant weights); with them wrapped as opaque custom ops it
+                                        # compiled (11 min on the loaded 2-core box), and ran the
+                                        # default model's 32-row decode 3–7× slower than eager
     cuda_graphs: bool = True            # CUDA: replay the decode step as CUDA graphs (no effect on CPU)
     image_feature_cache: int = 1024     # images whose vision features stay cached (LRU by content hash); 0 = off
 

@@ -386,8 +386,13 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
     assert all(row["tok_s"] > 0 and 0 < row["kv_used_peak_bytes"] <= row["kv_reserved_bytes"]
                for row in report["concurrency"])
     assert report["prefix_cache"]["ttft_p50_s"] > 0
+    http = report["http"]       # `serve` in its own process, driven over HTTP; no vLLM python given
+    assert http["engine"]["mixed"]["completion_tokens"] == QUICK.requests * QUICK.new_tokens
+    assert http["engine"]["prefill"]["completion_tokens"] == QUICK.requests * QUICK.prefill_new_tokens
+    assert http["vllm_skipped"] == "no --vllm-python given"
     table = format_table(report)
-    assert all(f"({row})" in table for row in "abcdefghijklmn")
+    assert all(f"({row})" in table for row in "abcdefghijklmnop")
+    assert "vLLM-CPU (skipped: no --vllm-python given)" in table
 
 
 def test_generate_cli_json_with_and_without_adapter(tiny_model_dir, tmp_path, capsys):

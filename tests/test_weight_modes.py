@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import random_tiny_model
-from model.adapter import AdapterBatch, compute_adapter_kv
+from model.adapter import AdapterBatch, adapter_attention, compute_adapter_kv
 from model.fingerprint import base_fingerprint
 from model.loaders import CheckpointError, build_for_inference, build_model, read_checkpoint
 from model.loading import LoadedModel, inference_weights, load_model
@@ -53,6 +53,25 @@ def test_each_mode_matches_fp32_within_its_tolerance_with_and_without_adapters(m
             assert got.dtype == torch.float32
         # With the adapter, the mode is far closer to the adapted fp32 model than to the base.
         assert _relative_error(got, base) > 2 * max(_relative_error(got, ref), TOLERANCE["fp32"])
+
+
+def test_fused_gated_branch_matches_the_explicit_one_and_only_non_fp32_modes_use_it():
+    model = random_tiny_model()
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    # Rows with prompts of different lengths (one group, key mask), a row with none, and a
+    # prompt over twice as long (its own group, a subset of rows).
+    kvs = [compute_adapter_kv(model, random_adapter(model, s, layers=(1,), k_len=k, per_head=True))
+           for s, k in ((1, 3), (2, 5), (3, 11))]
+    layer = AdapterBatch.build([kvs[0], None, kvs[1], kvs[2]], cfg.n_layers).layer(1)
+    assert len(layer.groups) == 2 and layer.groups[0].key_mask is not None
+    q = torch.randn(4, cfg.n_heads, 2, cfg.head_dim, generator=g)
+    explicit, fused = adapter_attention(q, layer), adapter_attention(q, layer, fused=True)
+    assert torch.equal(fused[1], torch.zeros_like(fused[1]))
+    assert (fused - explicit).abs().max() < 1e-5 * explicit.abs().max()
+    for mode in WEIGHT_MODES:
+        assert _packed(random_tiny_model(tie_embeddings=True), mode).layers[0].attention.fused_adapter_attention \
+            == (mode != "fp32")
 
 
 def test_int4_quantization_and_fused_outputs():
