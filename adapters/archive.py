@@ -15,11 +15,12 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from adapters.importers import AdapterImportError, ImportedAdapter, import_peft
-from adapters.validation import DEFAULT_LIMITS
+from adapters.validation import DEFAULT_LIMITS, largest_file_bytes
 from model.config import ModelConfig
 
 MAX_MEMBERS = 64
-MAX_TOTAL_BYTES = DEFAULT_LIMITS.max_file_bytes + (1 << 20)
+# The largest adapter file of any kind (a LoRA's) plus its config.
+MAX_TOTAL_BYTES = largest_file_bytes(DEFAULT_LIMITS) + (1 << 20)
 
 
 def archive_kind(data: bytes) -> str | None:

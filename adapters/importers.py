@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapters.format import AdapterMetadata, AnyAdapterWeights, save_adapter
-from adapters.validation import DEFAULT_LIMITS, AdapterValidationError, read_safetensors_header
+from adapters.validation import DEFAULT_LIMITS, AdapterValidationError, largest_file_bytes, read_safetensors_header
 from model.adapter import AdapterWeights, VisualAdapterWeights
 from model.config import ModelConfig
 from model.lora import LORA_TARGETS, LoraWeights
@@ -123,8 +123,8 @@ def _read_peft_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     pickled = folder / PEFT_PICKLE
     if not pickled.is_file():
         raise AdapterImportError(f"{folder}: {PEFT_WEIGHTS} missing")
-    if pickled.stat().st_size > DEFAULT_LIMITS.max_file_bytes:
-        raise AdapterImportError(f"{pickled}: larger than {DEFAULT_LIMITS.max_file_bytes} bytes")
+    if pickled.stat().st_size > largest_file_bytes(DEFAULT_LIMITS):
+        raise AdapterImportError(f"{pickled}: larger than {largest_file_bytes(DEFAULT_LIMITS)} bytes")
     try:
         state = torch.load(pickled, map_location="cpu", weights_only=True)
     except Exception as e:   # weights_only refuses arbitrary objects; torch raises various types

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import BinaryIO
 
 import torch
 
@@ -204,9 +205,10 @@ class AdapterRegistry:
             log.warning("could not cache prefix K/V of %s: %s", info.ref, e)
 
     # ---- administration ----------------------------------------------------------------------
-    def upload(self, name: str, data: bytes, source: str = "uploaded",
+    def upload(self, name: str, data: bytes | BinaryIO, source: str = "uploaded",
                allow_fingerprint_mismatch: bool = False) -> VersionInfo:
-        """Validate `data` (an adapter file) and store it as the next version of `name`.
+        """Validate `data` (an adapter file, as bytes or a readable binary file) and store it as
+        the next version of `name`.
 
         Nothing reaches the store unless every check passes. The new version's K/V are
         computed, cached next to it and made resident, so its first request is fast.

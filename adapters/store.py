@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import platformdirs
 
@@ -154,6 +154,12 @@ class StagedFile:
             self.path.unlink(missing_ok=True)
 
 
+def _chunks(f: BinaryIO, size: int = 1 << 20):
+    f.seek(0)
+    while chunk := f.read(size):
+        yield chunk
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
@@ -257,16 +263,24 @@ class AdapterStore:
         return self._version_dir(info.name, info.version) / filename
 
     # ---- writing ---------------------------------------------------------------------------
-    def stage(self, data: bytes) -> StagedFile:
-        staged = StagedFile(self._tmp / f"upload-{uuid.uuid4().hex}.part", hashlib.sha256(data).hexdigest(),
-                            len(data))
+    def stage(self, data: bytes | BinaryIO) -> StagedFile:
+        """Write an upload (bytes, or a readable binary file: copied in chunks, never whole in
+        memory) to tmp/ and fsync it."""
+        path = self._tmp / f"upload-{uuid.uuid4().hex}.part"
+        digest, size = hashlib.sha256(), 0
         try:
-            with _before_commit("writing the upload"):
-                _write_synced(staged.path, data)
-        except StoreWriteError:
-            staged.discard()
+            with _before_commit("writing the upload"), open(path, "xb") as f:
+                chunks = [data] if isinstance(data, bytes) else _chunks(data)
+                for chunk in chunks:
+                    digest.update(chunk)
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            StagedFile(path, "", 0).discard()
             raise
-        return staged
+        return StagedFile(path, digest.hexdigest(), size)
 
     def commit(self, name: str, staged: StagedFile, meta: AdapterMetadata, source: str,
                param_count: int | None = None) -> VersionInfo:

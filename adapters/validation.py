@@ -13,6 +13,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from adapters.format import (AdapterFormatError, AdapterMetadata, AnyAdapterWeights, check_fits, load_adapter,
                              save_adapter)
@@ -28,8 +29,12 @@ class AdapterValidationError(ValueError):
 
 @dataclass(frozen=True)
 class ValidationLimits:
-    # 7B-shaped adapters are ~5 MB in fp32 and 70B-shaped ~26 MB; anything far larger is abuse.
+    # LLaMA-Adapter and prefix-tuning files: 7B-shaped ones are ~5 MB in fp32 and 70B-shaped
+    # ~26 MB; anything far larger is abuse.
     max_file_bytes: int = 64 << 20
+    # LoRA files are legitimately larger: rank 64 on every linear of a 7B is ~640 MB in fp32,
+    # rank 128 ~1.3 GB (serve --max-lora-file-mb).
+    max_lora_file_bytes: int = 2 << 30
     max_header_bytes: int = 1 << 20
     max_tensors: int = 2 * 1024
     # What a version costs once resident: K/V grows with adapter_len × adapted layers, and a
@@ -41,6 +46,15 @@ class ValidationLimits:
 
 
 DEFAULT_LIMITS = ValidationLimits()
+
+
+def largest_file_bytes(limits: ValidationLimits) -> int:
+    """The size cap before the kind is known (a file's header names its kind)."""
+    return max(limits.max_file_bytes, limits.max_lora_file_bytes)
+
+
+def file_size_limit(kind: str, limits: ValidationLimits) -> int:
+    return limits.max_lora_file_bytes if kind == "lora" else limits.max_file_bytes
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class TensorEntry:
 class SafetensorsHeader:
     tensors: list[TensorEntry]
     metadata: dict[str, str]
+    file_size: int
 
 
 def _what_it_looks_like(head: bytes) -> str | None:
@@ -78,9 +93,9 @@ def _reject_duplicate_keys(pairs):
 def parse_safetensors_header(head: bytes, total_size: int,
                              limits: ValidationLimits = DEFAULT_LIMITS) -> SafetensorsHeader:
     """Check a safetensors header. `head` holds at least the first 8 + header-length bytes."""
-    if total_size > limits.max_file_bytes:
+    if total_size > largest_file_bytes(limits):
         raise AdapterValidationError(
-            f"file too large: {total_size} bytes (limit {limits.max_file_bytes})")
+            f"file too large: {total_size} bytes (limit {largest_file_bytes(limits)})")
     looks_like = _what_it_looks_like(head[:8])
     if looks_like:
         raise AdapterValidationError(
@@ -113,7 +128,7 @@ def parse_safetensors_header(head: bytes, total_size: int,
         raise AdapterValidationError(f"too many tensors: {len(header)} (limit {limits.max_tensors})")
     entries = [_tensor_entry(name, info) for name, info in header.items()]
     _check_layout(entries, total_size - 8 - n)
-    return SafetensorsHeader(entries, metadata)
+    return SafetensorsHeader(entries, metadata, total_size)
 
 
 def _tensor_entry(name: str, info) -> TensorEntry:
@@ -156,16 +171,23 @@ def _check_layout(entries: list[TensorEntry], data_size: int) -> None:
             f"file has {data_size - pos} unexplained bytes after the last tensor")
 
 
-def check_adapter_bytes(data: bytes, limits: ValidationLimits = DEFAULT_LIMITS) -> SafetensorsHeader:
-    """Cheap structural check of in-memory bytes (before they are written anywhere)."""
-    return parse_safetensors_header(data[:8 + limits.max_header_bytes], len(data), limits)
+def check_adapter_bytes(data: bytes | BinaryIO, limits: ValidationLimits = DEFAULT_LIMITS) -> SafetensorsHeader:
+    """Cheap structural check of an upload (in-memory bytes, or a spooled file read only as far
+    as its header) before it is written to the store."""
+    if isinstance(data, bytes):
+        return parse_safetensors_header(data[:8 + limits.max_header_bytes], len(data), limits)
+    size = data.seek(0, os.SEEK_END)
+    data.seek(0)
+    head = data.read(8 + limits.max_header_bytes)
+    data.seek(0)
+    return parse_safetensors_header(head, size, limits)
 
 
 def read_safetensors_header(path: str | Path, limits: ValidationLimits = DEFAULT_LIMITS) -> SafetensorsHeader:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
-        if len(head) == 8 and size <= limits.max_file_bytes and _what_it_looks_like(head) is None:
+        if len(head) == 8 and size <= largest_file_bytes(limits) and _what_it_looks_like(head) is None:
             (n,) = struct.unpack("<Q", head)
             if n <= limits.max_header_bytes:
                 head += f.read(n)
@@ -183,18 +205,24 @@ def validate_adapter_file(path: str | Path, model, fingerprint: str | None = Non
     """
     header = read_safetensors_header(path, limits)
     try:
-        check_resource_limits(AdapterMetadata.from_strings(header.metadata), model, limits)
+        check_resource_limits(AdapterMetadata.from_strings(header.metadata), model, limits, header.file_size)
         weights, meta = load_adapter(path)
         check_fits(meta, model, fingerprint, allow_fingerprint_mismatch, weights, vision)
     except AdapterFormatError as e:
         raise AdapterValidationError(str(e)) from None
-    if meta.kind == "lora" and meta.lora_rank > limits.max_lora_rank:
-        raise AdapterValidationError(f"LoRA rank {meta.lora_rank} exceeds the limit of {limits.max_lora_rank}")
     return weights, meta
 
 
-def check_resource_limits(meta: AdapterMetadata, model, limits: ValidationLimits) -> None:
-    """Refuse, before any tensor is read, an adapter whose K/V would cost more than allowed."""
+def check_resource_limits(meta: AdapterMetadata, model, limits: ValidationLimits, file_size: int) -> None:
+    """Refuse, before any tensor is read, an adapter too large for its kind or whose K/V would
+    cost more than allowed."""
+    cap = file_size_limit(meta.kind, limits)
+    if file_size > cap:
+        flag = "--max-lora-file-mb" if meta.kind == "lora" else "the cap of every kind but LoRA"
+        raise AdapterValidationError(f"file too large for its kind ({meta.kind}): {file_size} bytes "
+                                     f"(limit {cap}, {flag})")
+    if meta.kind == "lora" and meta.lora_rank > limits.max_lora_rank:
+        raise AdapterValidationError(f"LoRA rank {meta.lora_rank} exceeds the limit of {limits.max_lora_rank}")
     if meta.adapter_len > limits.max_adapter_len:
         raise AdapterValidationError(f"adapter_len {meta.adapter_len} exceeds this server's limit of "
                                      f"{limits.max_adapter_len} (--max-adapter-len)")

@@ -76,7 +76,7 @@ class Attention(nn.Module):
             return qk[:, :h], qk[:, h:], qkv[:, h + hkv:]
         q, k, v = self.project_qkv(x)
         if lora is not None:     # each row's LoRA delta on the split q/k/v outputs
-            q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
+            q, k, v = lora.add(("q", "k", "v"), x, (q, k, v))
         q = q.view(b, t, h, d).transpose(1, 2)
         k = k.view(b, t, hkv, d).transpose(1, 2)
         v = v.view(b, t, hkv, d).transpose(1, 2)
@@ -107,7 +107,7 @@ class Attention(nn.Module):
             out = out + adapter_attention(q, gated, self.fused_adapter_attention)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         y = self.wo(out)
-        return lora.add("o", out, y) if lora is not None else y
+        return lora.add(("o",), out, (y,))[0] if lora is not None else y
 
 
 class FeedForward(nn.Module):
@@ -128,8 +128,9 @@ class FeedForward(nn.Module):
         lora = adapter.lora if adapter is not None else None
         if lora is None:
             return self.w2(F.silu(gate) * up)
-        h = F.silu(lora.add("gate", x, gate)) * lora.add("up", x, up)
-        return lora.add("down", h, self.w2(h))
+        gate, up = lora.add(("gate", "up"), x, (gate, up))
+        h = F.silu(gate) * up
+        return lora.add(("down",), h, (self.w2(h),))[0]
 
 
 class TransformerBlock(nn.Module):

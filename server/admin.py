@@ -103,14 +103,15 @@ async def upload_adapter(name: str, file: UploadFile = File(
         if name == ctx.model_id:
             raise ApiError(422, f"{name!r} is the base model's id; pick another adapter name", "validation",
                            "name")
-        data = await file.read()
+        head = await file.read(512)
+        await file.seek(0)
         try:
             # Validation reads tensors and computes prefix K/V: keep it off the event loop.
-            if archive_kind(data) is not None:
-                info = await run_in_threadpool(ctx.registry.upload_peft_archive, name, data,
+            if archive_kind(head) is not None:
+                info = await run_in_threadpool(ctx.registry.upload_peft_archive, name, await file.read(),
                                                allow_fingerprint_mismatch=allow_fingerprint_mismatch)
-            else:
-                info = await run_in_threadpool(ctx.registry.upload, name, data, source="uploaded",
+            else:   # the spooled file itself: a large LoRA is copied to the store, never read whole
+                info = await run_in_threadpool(ctx.registry.upload, name, file.file, source="uploaded",
                                                allow_fingerprint_mismatch=allow_fingerprint_mismatch)
         except ValueError as e:   # AdapterValidationError and the format's own errors
             raise ApiError(422, f"invalid adapter upload: {e}", "validation", "file") from None

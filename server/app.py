@@ -9,6 +9,7 @@ it down after); the app only marks itself ready between its own startup and shut
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from contextlib import asynccontextmanager
 
@@ -34,6 +35,7 @@ __all__ = ["create_app", "ServerSettings"]
 _HTTP_KINDS = {400: "validation", 401: "auth", 403: "auth", 404: "not_found", 405: "method_not_allowed",
                413: "too_large", 422: "validation"}
 _UPLOAD_ROUTE = re.compile(r"/admin/adapters/[^/]+")
+_SPOOL_BYTES = 1 << 20     # bodies up to this stay in memory; larger ones go to a temporary file
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -51,7 +53,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 class BodySizeLimit:
     """Checks made before any body is read: admin credentials (a 401/403 for an anonymous
     upload costs nothing), then 413 for bodies over the limit (only the upload route has the
-    larger upload limit); chunked bodies are counted as they arrive and replayed to the app."""
+    larger upload limit); chunked bodies are counted as they arrive, spooled, and replayed to the app."""
 
     def __init__(self, app: ASGIApp, settings: ServerSettings):
         self.app, self.settings = app, settings
@@ -71,28 +73,36 @@ class BodySizeLimit:
         declared = _header(scope, b"content-length").encode()
         if declared.isdigit() and int(declared) > limit:
             return await self._too_large(path, what, limit, scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await self._too_large(path, what, limit, scope, receive, send)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+        # Spooled: a large upload (a LoRA can be hundreds of MB) goes to a temporary file as it
+        # arrives instead of staying in memory.
+        body = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
+        try:
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return await self._too_large(path, what, limit, scope, receive, send)
+                body.write(chunk)
+                if not message.get("more_body", False):
+                    break
+            body.seek(0)
+            done = False
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()   # after the body: wait for the client to disconnect
+            async def replay() -> dict:
+                nonlocal done
+                if not done:
+                    chunk = body.read(_SPOOL_BYTES)
+                    done = body.tell() >= size
+                    return {"type": "http.request", "body": chunk, "more_body": not done}
+                return await receive()   # after the body: wait for the client to disconnect
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
+        finally:
+            body.close()
 
     @staticmethod
     async def _too_large(path, what, limit, scope, receive, send) -> None:

@@ -39,7 +39,7 @@ SHUTTING_DOWN = "the server is shutting down"
 class ServerSettings:
     admin_token: str | None = None         # None or "" = admin routes off
     max_body_bytes: int = 4 << 20          # JSON request bodies
-    max_upload_bytes: int = 64 << 20       # adapter uploads (PUT /admin/adapters/{name})
+    max_upload_bytes: int = 2048 << 20     # adapter uploads (PUT /admin/adapters/{name}); LoRAs are large
     default_max_new_tokens: int = 256      # when a request names no limit (capped by the context)
     max_new_tokens_limit: int | None = None  # most new tokens one request may ask for; None = the context
     request_timeout_s: float | None = None   # submit → finish deadline per request; None = none

@@ -179,7 +179,11 @@ def register(subparsers) -> None:
     _add(p, "--request-timeout", None, "seconds from submit until a generation request is ended with "
          "504 (streams: a final error event)", type=_positive(float), shown="no deadline")
     _add(p, "--max-body-mb", 4.0, "largest JSON request body; larger ones get 413", type=_positive(float))
-    _add(p, "--max-upload-mb", 64.0, "largest adapter upload; larger ones get 413", type=_positive(float))
+    _add(p, "--max-upload-mb", 2048.0, "largest adapter upload (spooled to disk as it arrives, not held in "
+         "memory); larger ones get 413. Per kind, validation then caps LLaMA-Adapter and prefix-tuning "
+         "files at 64 MB and LoRA files at --max-lora-file-mb", type=_positive(float))
+    _add(p, "--max-lora-file-mb", 2048.0, "largest LoRA adapter file (rank 64 on every linear of a 7B "
+         "is ~640 MB in fp32); larger ones are refused with 422", type=_positive(float))
     _add(p, "--max-image-bytes", 8 << 20, "largest image one request may carry (encoded bytes: 8MiB, "
          "500KB); larger ones get 413. Inline images also count against --max-body-mb", type=_byte_count,
          shown="8MiB")
@@ -245,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("image encoder %s: %s", args.vision_model, vision.describe())
     store = AdapterStore(args.store)
     limits = ValidationLimits(max_adapter_len=args.max_adapter_len,
-                              max_kv_bytes=int(args.max_adapter_kv_mb * (1 << 20)))
+                              max_kv_bytes=int(args.max_adapter_kv_mb * (1 << 20)),
+                              max_lora_file_bytes=int(args.max_lora_file_mb * (1 << 20)))
     registry = AdapterRegistry(store, loaded.model, loaded.fingerprint,
                                PoolConfig(max_adapters=args.pool_max_adapters,
                                           max_bytes=int(args.pool_max_mb * (1 << 20))), limits, vision)

@@ -121,6 +121,17 @@ def _put(server, name, data, filename="adapter.zip"):
         return c.put(f"/admin/adapters/{name}", files={"file": (filename, data)})
 
 
+def test_a_lora_larger_than_the_memory_spool_uploads_and_serves(server):
+    """Uploads past 1 MiB are spooled to disk on the way in and staged in chunks."""
+    model = server.loaded.model
+    big = adapter_bytes(model, random_lora(model, 128, ("q", "k", "v", "o", "gate", "up", "down"), seed=5, std=0.02),
+                        server.loaded.fingerprint)
+    assert len(big) > 1 << 20
+    r = _put(server, "big128", big, filename="a.safetensors")
+    assert r.status_code == 201 and r.json()["kind"] == "lora" and r.json()["size"] == len(big), r.text
+    assert _generate(server, adapter_id="big128").status_code == 200
+
+
 @pytest.fixture(scope="module")
 def peft_lora_dir(server, tmp_path_factory):
     """A LoRA folder written by PEFT itself for the served tiny model (random A and B)."""

@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from adapter_helpers import adapter_bytes, random_adapter, tree_snapshot
+from adapter_helpers import adapter_bytes, random_adapter, random_lora, tree_snapshot
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from adapters.validation import AdapterValidationError, ValidationLimits, check_adapter_bytes
@@ -109,6 +109,23 @@ def test_oversize_file_and_header(registry, model, tmp_path):
     tight = AdapterRegistry(registry.store, model, registry.fingerprint,
                             limits=ValidationLimits(max_header_bytes=64))
     _expect_rejected(tight, data, "exceeds the limit")
+
+
+def test_file_caps_are_per_kind_and_uploads_stream_from_a_file(registry, model):
+    """A LoRA may be far larger than a LLaMA-Adapter (--max-lora-file-mb); each kind has its cap,
+    checked from the header before any tensor is read, and a file object is staged in chunks."""
+    lora = adapter_bytes(model, random_lora(model, 16, ("q", "v")))
+    llama = adapter_bytes(model, random_adapter(model, k=64))
+    limits = ValidationLimits(max_file_bytes=len(llama) - 1, max_lora_file_bytes=len(lora))
+    capped = AdapterRegistry(registry.store, model, registry.fingerprint, limits=limits)
+    assert len(lora) > limits.max_file_bytes
+    _expect_rejected(capped, llama, r"too large for its kind \(llama-adapter\)")
+    _expect_rejected(AdapterRegistry(registry.store, model, registry.fingerprint,
+                                     limits=ValidationLimits(max_lora_file_bytes=len(lora) - 1)),
+                     lora, r"too large for its kind \(lora\).*--max-lora-file-mb")
+    info = capped.upload("big-lora", io.BytesIO(lora))
+    assert info.kind == "lora" and info.size == len(lora)
+    assert registry.store.path(info).read_bytes() == lora
 
 
 def test_truncated_file(registry, model):
