@@ -98,8 +98,8 @@ class PagedKVCache:
         n = read_blocks.shape[1] * self.block_size
         out = []
         for which, cache in enumerate((ck, cv)):
-            # Blocks as flat rows: index_select's 2-D path copies each row with one memcpy
-            # (measured: ~1.5× faster than selecting from the [block, token, head, dim] view).
+            # Blocks as flat rows: index_select's 2-D path copies each with one memcpy (alone,
+            # 64 rows × 21 blocks: 4.9 ms against 7.6 from the [block, token, head, dim] view).
             rows = cache.view(self.n_blocks + 1, -1)
             buffer = self._gather_buffer(which, flat.numel())
             blocks = torch.index_select(rows, 0, flat, out=None if buffer is None else buffer.view(flat.numel(), -1))
@@ -131,7 +131,7 @@ class DecodeRows:
 
     Why: a 64-row decode step at context 320 on the default model spent as long gathering every
     row's blocks (a copy of the whole context, every step, every layer) as in attention itself:
-    423 ms against 252 ms for the old slot cache. Here a sequence's blocks are copied once, when
+    419 ms against 254 ms for the old slot cache's views (252 ms through these rows). Here a sequence's blocks are copied once, when
     it joins the decode batch, and each step appends its new token; attention then reads rows
     laid out like the old slot cache, [layer, row, token, kv head, dim].
 
@@ -153,9 +153,6 @@ class DecodeRows:
         self.owners: list[tuple[object, list[int], int] | None] = []
         self._write_index: torch.Tensor | None = None      # set by place(), per decode forward
         self.active = False
-
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
     def release(self) -> None:
         self.k = self.v = None
