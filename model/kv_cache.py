@@ -11,6 +11,10 @@ padded row never writes into a block another sequence owns.
 Memory is reserved untouched and each block is zeroed the first time it is used (`prepare`):
 resident memory then grows with the blocks actually used, and attention never reads memory
 that was never written (a NaN there would leak through the additive mask: 0 · NaN = NaN).
+
+On CPU the decode batch reads through `DecodeRows`: a contiguous copy of each running row's
+keys/values, filled once when the row joins the batch and appended to every step, so a step
+reads its context in place instead of gathering every block again (see DecodeRows).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class PagedKVCache:
         self.v[:, n_blocks * block_size:].zero_()
         self._zeroed_blocks = 0
         self._gathered: list[torch.Tensor | None] = [None, None]    # see _gather_buffer
+        self.decode_rows = DecodeRows(self)
         if self.k.device.type != "cpu":     # resident anyway: zero it all now, not mid-step
             self.prepare(n_blocks - 1)
 
@@ -87,12 +92,17 @@ class PagedKVCache:
         ck, cv = self.k[layer], self.v[layer]
         ck.index_copy_(0, write_slots, k.transpose(1, 2).reshape(b * t, hkv, d))
         cv.index_copy_(0, write_slots, v.transpose(1, 2).reshape(b * t, hkv, d))
+        if self.decode_rows.active:
+            return self.decode_rows.write_and_read(layer, k, v, read_len)
         flat = read_blocks.reshape(-1)
         n = read_blocks.shape[1] * self.block_size
         out = []
         for which, cache in enumerate((ck, cv)):
-            blocks = cache.view(-1, self.block_size, hkv, d)
-            blocks = torch.index_select(blocks, 0, flat, out=self._gather_buffer(which, flat.numel()))
+            # Blocks as flat rows: index_select's 2-D path copies each with one memcpy (alone,
+            # 64 rows × 21 blocks: 4.9 ms against 7.6 from the [block, token, head, dim] view).
+            rows = cache.view(self.n_blocks + 1, -1)
+            buffer = self._gather_buffer(which, flat.numel())
+            blocks = torch.index_select(rows, 0, flat, out=None if buffer is None else buffer.view(flat.numel(), -1))
             out.append(blocks.view(b, n, hkv, d)[:, :read_len].transpose(1, 2))
         return out[0], out[1]
 
@@ -114,3 +124,112 @@ def slots_for(block_tables: torch.Tensor, positions: torch.Tensor, block_size: i
     """Token slots of positions [B, T] given block tables [B, nb] → [B, T]."""
     blocks = block_tables.gather(1, positions // block_size)
     return blocks * block_size + positions % block_size
+
+
+class DecodeRows:
+    """Contiguous copies of the decode batch's keys/values, one row per running sequence (CPU).
+
+    Why: a 64-row decode step at context 320 on the default model spent as long gathering every
+    row's blocks (a copy of the whole context, every step, every layer) as in attention itself:
+    419 ms against 254 ms for the old slot cache's views (252 ms through these rows). Here a sequence's blocks are copied once, when
+    it joins the decode batch, and each step appends its new token; attention then reads rows
+    laid out like the old slot cache, [layer, row, token, kv head, dim].
+
+    Rows are kept in place while their sequences keep decoding: a sequence that leaves frees its
+    row, and the decode batch is ordered by row (`place`), so a departure moves at most one row.
+    Memory: the copies never take more than the pool's own size (`PagedKVCache.nbytes`), so the
+    cache's resident memory stays within twice its budget; a batch whose copies would not fit
+    reads by gathering instead (`place` returns None).
+    """
+
+    ROW_ALIGN, WIDTH_ALIGN = 8, 64      # capacity steps (rows, tokens): few reallocations
+
+    def __init__(self, cache: PagedKVCache):
+        self.cache = cache
+        self.k: torch.Tensor | None = None      # [layer, rows, width, kv head, head dim]
+        self.v: torch.Tensor | None = None
+        # Per row: (sequence, its block-table list, tokens held) or None. A sequence that was
+        # preempted comes back with a new block-table list, so `is` tells a stale row apart.
+        self.owners: list[tuple[object, list[int], int] | None] = []
+        self._write_index: torch.Tensor | None = None      # set by place(), per decode forward
+        self.active = False
+
+    def release(self) -> None:
+        self.k = self.v = None
+        self.owners = []
+
+    def place(self, seqs: list, tables: list[list[int]], lengths: list[int]) -> list[int] | None:
+        """Make rows 0..B-1 hold the sequences' first `lengths` tokens (copied from their
+        blocks `tables` where a row does not hold them already) → `order`: row r holds
+        seqs[order[r]], the order in which the decode forward must take them. None when the
+        copies would not fit (the caller gathers instead)."""
+        b = len(seqs)
+        rows = _round_up(b, self.ROW_ALIGN)
+        width = _round_up(max(lengths) + 1, self.WIDTH_ALIGN)
+        if self.k is None or rows > self.k.shape[1] or width > self.k.shape[2]:
+            if self.k is not None:      # grow by at least a quarter: context grows every step
+                rows = max(rows, self.k.shape[1])
+                width = max(width, _round_up(self.k.shape[2] * 5 // 4, self.WIDTH_ALIGN))
+            self.release()
+            c = self.cache
+            shape = (c.k.shape[0], rows, width, *c.k.shape[2:])
+            if 2 * c.k.element_size() * torch.Size(shape).numel() > c.nbytes():
+                return None
+            # Zeros: a row's positions past its own are read (masked) and must be finite.
+            self.k, self.v = torch.zeros(shape, dtype=c.k.dtype), torch.zeros(shape, dtype=c.k.dtype)
+            self.owners = [None] * rows
+        held = {id(o[0]): r for r, o in enumerate(self.owners) if o is not None}
+        kept: dict[int, int] = {}       # batch index → row already holding it
+        for i, (seq, table, n) in enumerate(zip(seqs, tables, lengths)):
+            r = held.get(id(seq))
+            if r is not None and self.owners[r][1] is table and self.owners[r][2] == n:
+                kept[i] = r
+        keep_rows = set(kept.values())
+        self.owners = [o if r in keep_rows else None for r, o in enumerate(self.owners)]
+        free = [r for r in range(b) if self.owners[r] is None]
+        order: list[int | None] = [None] * b
+        for i, r in kept.items():
+            if r >= b:          # a row past the batch moves into a free one below
+                dst = free.pop()
+                self._move(r, dst, lengths[i])
+                self.owners[dst], self.owners[r] = self.owners[r], None
+                r = dst
+            order[r] = i
+        for i in range(b):
+            if i not in kept:
+                dst = free.pop()
+                self._fill(dst, tables[i], lengths[i])
+                order[dst] = i
+        for r, i in enumerate(order):   # the forward writes each row's token at its length
+            self.owners[r] = (seqs[i], tables[i], lengths[i] + 1)
+        self._write_index = torch.tensor([r * self.k.shape[2] + lengths[i] for r, i in enumerate(order)])
+        return order
+
+    def _move(self, src: int, dst: int, n: int) -> None:
+        self.k[:, dst, :n] = self.k[:, src, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]
+
+    def _fill(self, row: int, table: list[int], n: int) -> None:
+        c = self.cache
+        nb = -(-n // c.block_size)
+        if nb == 0:
+            return
+        index = torch.tensor(table[:nb])
+        for pool, copy in ((c.k, self.k), (c.v, self.v)):
+            blocks = pool.view(pool.shape[0], c.n_blocks + 1, -1).index_select(1, index)
+            copy[:, row, :nb * c.block_size] = blocks.view(pool.shape[0], nb * c.block_size, *pool.shape[2:])
+
+    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                       read_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append each row's token k/v [B, Hkv, 1, D] → its keys/values [B, Hkv, read_len, D]."""
+        b, hkv, _, d = k.shape
+        out = []
+        for new, copy in ((k, self.k), (v, self.v)):
+            rows = copy[layer]
+            rows.view(-1, hkv, d).index_copy_(0, self._write_index, new.reshape(b, hkv, d))
+            out.append(rows[:b, :read_len].transpose(1, 2))
+        return out[0], out[1]
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step

@@ -6,7 +6,10 @@
 2. batch-1 decode tok/s of a random-weight model shaped like LLaMA-7B (32 layers, dim 4096)
    against the memory-bandwidth roofline (weight bytes ÷ a copy bandwidth measured here);
 3. --requests concurrent requests over --adapters adapters against all-base, CUDA graphs on
-   and off (graphs only exist on CUDA: on CPU both columns run the same eager step).
+   and off (graphs only exist on CUDA: on CPU both columns run the same eager step);
+4. host synchronisations per decode step (CUDA's sync debug mode counts them) over rows that
+   sample with temperature, top-k, top-p, repetition penalty and top logprobs: the goal is one,
+   the read of the step's sampled tokens.
 
 `--tiny` swaps the 7B shape for a small one, so the whole script runs on a CPU in seconds (a
 test does that). Exit status 1 when float32 equivalence (--dtype float32) is not exact.
@@ -18,6 +21,7 @@ import argparse
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -160,6 +164,37 @@ def check_concurrency(loaded, device: str, requests: int, n_adapters: int, new_t
     print(f"    graphs on / off (adapters): {on / off:.2f}")
 
 
+def check_syncs(loaded, device: str, steps: int = 8) -> None:
+    if torch.device(device).type != "cuda":
+        print("[4] host synchronisations per decode step: skipped (CUDA only)")
+        return
+    engine = Engine(loaded, None, serve_config(loaded, max_seq_len=512))
+    kinds = [dict(temperature=0), dict(temperature=0.8, top_k=40), dict(temperature=1.0, top_p=0.9),
+             dict(temperature=0.7, repetition_penalty=1.2), dict(temperature=0, top_logprobs=3)]
+    batch = prompts(2 * len(kinds), 24, loaded.config.vocab_size)
+    handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=steps + 8, ignore_eos=True,
+                                                                 seed=i, **kinds[i % len(kinds)])))
+               for i, p in enumerate(batch)]
+    while engine.stats().running < len(handles) or any(s.in_prefill for s in engine.scheduler.running):
+        engine.step()
+    engine.step()      # a first decode step of this batch (graph capture, adapter stacking)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    print(f"[4] host synchronisations per decode step ({len(handles)} rows, mixed sampling): "
+          f"{len(syncs) / steps:.1f} (goal 1: the read of the sampled tokens)")
+    for w in syncs[:5]:
+        print(f"    {w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}")
+    engine.shutdown(graceful=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -180,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     big = random_model(SMALL if args.tiny else SEVEN_B, args.device, dtype)
     check_batch1(big, args.device, args.new_tokens)
     check_concurrency(big, args.device, args.requests, args.adapters, args.new_tokens)
+    check_syncs(big, args.device)
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 

@@ -83,9 +83,9 @@ def measure_images(loaded, registry, prompts, sizes, engine_run, batch_config, b
     images = [decode_image(png, "image/png", IMAGE_SIZE[0] * IMAGE_SIZE[1], "bench") for png in pngs]
     decode_ms = (time.perf_counter() - start) / n * 1e3
     o = engine_run(loaded, images_registry, prompts, per_request, new_tokens,
-                   batch_config(prompts, new_tokens, image_feature_cache=0), vision=tower, images=images)
+                   batch_config(loaded, len(prompts), image_feature_cache=0), vision=tower, images=images)
     p = engine_run(loaded, images_registry, prompts, per_request, new_tokens,
-                   batch_config(prompts, new_tokens, prefix_caching=False), vision=tower, images=images,
+                   batch_config(loaded, len(prompts), prefix_caching=False), vision=tower, images=images,
                    warm_up=True)
     c = tower.config
     return {"tower": f"{c.num_hidden_layers} layers, width {c.hidden_size}, {c.image_size} px / {c.patch_size}",

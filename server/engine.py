@@ -344,7 +344,8 @@ class Engine:
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
         if decode:
-            logits.append(self.runner.decode(decode, [s.payload.parts for s in decode]))
+            decode, decode_logits = self.runner.decode(decode, [s.payload.parts for s in decode])
+            logits.append(decode_logits)
             for seq in decode:
                 self.scheduler.cached(seq, 1)
             rows.extend(decode)

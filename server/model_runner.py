@@ -66,8 +66,19 @@ class ModelRunner:
         self.graphs = _DecodeGraphs(self.table_width * block_size) if cuda_graphs and on_cuda else None
 
     # ---- decode ---------------------------------------------------------------------------
-    def decode(self, rows: list[Sequence], adapters: list[RowAdapters]) -> torch.Tensor:
-        """One token per row (its last token, at position n_cached) → logits [B, V]."""
+    def decode(self, rows: list[Sequence], adapters: list[RowAdapters]) -> tuple[list[Sequence], torch.Tensor]:
+        """One token per row (its last token, at position n_cached) → (the rows in the order the
+        step ran them, their logits [B, V]). On CPU that order is the one of the cache's decode
+        rows (model/kv_cache.py DecodeRows), which keeps each running sequence's keys/values
+        contiguous; elsewhere, or when those copies do not fit, it is the given order."""
+        order = None
+        if self.device.type == "cpu":
+            order = self.cache.decode_rows.place(rows, [s.block_table for s in rows], [s.n_cached for s in rows])
+            if order is not None:
+                rows, adapters = [rows[i] for i in order], [adapters[i] for i in order]
+        return rows, self._decode(rows, adapters, order is not None)
+
+    def _decode(self, rows: list[Sequence], adapters: list[RowAdapters], read_rows: bool) -> torch.Tensor:
         b = len(rows)
         read_len = max(s.n_cached for s in rows) + 1
         width = -(-read_len // self.block_size)
@@ -93,8 +104,12 @@ class ModelRunner:
         tokens = toks[:b].to(dev, non_blocking=True)[:, None]
         positions = pos[:b].to(dev, non_blocking=True)[:, None]
         block_tables = tables[:b, :width].to(dev, non_blocking=True)
-        return self._decode_model(tokens, positions, self.cache, block_tables, batch,
-                                  read_len=read_len)[:, 0]
+        self.cache.decode_rows.active = read_rows
+        try:
+            return self._decode_model(tokens, positions, self.cache, block_tables, batch,
+                                      read_len=read_len)[:, 0]
+        finally:
+            self.cache.decode_rows.active = False
 
     def _decode_adapters(self, rows: list[RowAdapters]) -> BatchAdapters | None:
         # The decode batch changes only when requests join or leave (a lease's parts tuple is

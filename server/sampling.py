@@ -11,6 +11,11 @@ logit bias, grammar, temperature, top-k and top-p) — what `transformers` repor
 
 A row whose preparation fails (its grammar rejects a token, ...) gets the Exception instead of
 a token; the engine fails that request alone.
+
+On CUDA nothing here waits for the device until the batch's results are read, once, in one
+transfer: host values go up through pinned memory without blocking (`_to_device`; a plain
+`torch.tensor(..., device="cuda")` synchronises the stream), and no branch depends on a device
+value.
 """
 
 from __future__ import annotations
@@ -68,17 +73,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: set[int], penalty: floa
     """CTRL-style: divide positive logits of seen tokens by the penalty, multiply negative ones."""
     if not seen:
         return logits
-    ids = torch.tensor(sorted(seen), device=logits.device)
+    ids = _to_device(sorted(seen), logits.device)
     picked = logits[ids]
     logits = logits.clone()
     logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
 
 
-def keep_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """logits [B, V], k [B] (0 = off) → logits with all but each row's k best at -inf."""
+def keep_top_k(logits: torch.Tensor, k: torch.Tensor, kmax: int | None = None) -> torch.Tensor:
+    """logits [B, V], k [B] (0 = off) → logits with all but each row's k best at -inf.
+    `kmax`: the largest k when the caller knows it (reading it from k waits for the device)."""
     k = k.clamp(max=logits.shape[-1])
-    kmax = int(k.max())
+    kmax = int(k.max()) if kmax is None else min(kmax, logits.shape[-1])
     if kmax == 0:
         return logits
     top = torch.topk(logits, kmax, dim=-1).values
@@ -96,9 +102,12 @@ def keep_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """probs [B, V], top_p [B] → probs keeping, per row, the smallest set of best tokens whose
     probability reaches top_p (at least one); the others are 0 (not renormalised)."""
     n = min(_TOP_P_CANDIDATES, probs.shape[-1])
-    vals, idx = torch.topk(probs, n, dim=-1)
-    if n < probs.shape[-1] and bool((vals.sum(-1) < top_p).any()):
+    if probs.is_cuda:       # a full sort costs a GPU little; the shortcut's test would wait for it
         vals, idx = torch.sort(probs, dim=-1, descending=True)
+    else:
+        vals, idx = torch.topk(probs, n, dim=-1)
+        if n < probs.shape[-1] and bool((vals.sum(-1) < top_p).any()):
+            vals, idx = torch.sort(probs, dim=-1, descending=True)
     cum = vals.cumsum(-1)
     keep = (cum - vals) < top_p[:, None]   # a token is kept if the mass before it is below top_p
     keep[:, 0] = True                      # even when top_p underflows float32 to 0
@@ -109,15 +118,15 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: to
     """Batched sampling: logits [B, V] (already adjusted), one parameter set and one uniform in
     [0, 1) per row → token ids [B]. The draw inverts each row's CDF at its uniform."""
     dev = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+    temperature = _to_device([p.temperature for p in params], dev, logits.dtype)
     logits = logits / temperature[:, None]
     if any(p.top_k for p in params):
         # A top_k past the vocabulary keeps everything (and must not overflow the index type).
-        vocab = logits.shape[-1]
-        logits = keep_top_k(logits, torch.tensor([min(p.top_k, vocab) for p in params], device=dev))
+        ks = [min(p.top_k, logits.shape[-1]) for p in params]
+        logits = keep_top_k(logits, _to_device(ks, dev), max(ks))
     probs = torch.softmax(logits, dim=-1)
     if any(p.top_p < 1.0 for p in params):
-        probs = keep_top_p(probs, torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype))
+        probs = keep_top_p(probs, _to_device([p.top_p for p in params], dev, probs.dtype))
     cdf = probs.double().cumsum(-1)
     target = uniforms.to(dev, torch.float64)[:, None] * cdf[:, -1:]
     # The first token whose CDF exceeds the target: never a zero-probability one.
@@ -140,7 +149,8 @@ def sample_batch(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Sampl
     errors: dict[int, Exception] = {}
     special = [i for i, s in enumerate(samplers) if not s.plain_greedy]
     if special:
-        work = logits[special].clone()
+        special_rows = _to_device(special, logits.device)
+        work = logits[special_rows]
         for j, i in enumerate(special):
             try:
                 work[j] = samplers[i].adjust(work[j])
@@ -153,8 +163,9 @@ def sample_batch(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Sampl
             uniforms = torch.stack([torch.rand((), generator=samplers[special[j]].generator,
                                                device=logits.device) for j in drawn])
             params = [samplers[special[j]].params for j in drawn]
+            drawn_rows = _to_device(drawn, logits.device)
             try:
-                picks[drawn] = sample_rows(work[drawn], params, uniforms)
+                picks[drawn_rows] = sample_rows(work[drawn_rows], params, uniforms)
             except Exception:           # noqa: BLE001 — redraw row by row: only the bad row fails
                 for n, j in enumerate(drawn):
                     try:
@@ -162,21 +173,24 @@ def sample_batch(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Sampl
                     except Exception as e:      # noqa: BLE001
                         errors[special[j]] = e
         chosen = chosen.clone()
-        chosen[special] = picks
+        chosen[special_rows] = picks
     chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0]
     n_top = max(s.params.top_logprobs for s in samplers)
-    top_vals = top_ids = None
+    # One device→host transfer for the whole batch, the step's only wait for the device: token
+    # ids (exact in float64) and float32 logprobs (exact too) packed in one tensor.
+    parts = [chosen[:, None], chosen_lp[:, None]]
     if n_top:
         top_vals, top_ids = torch.topk(logprobs, n_top, dim=-1)
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        parts += [top_ids, top_vals]
+    packed = torch.cat([p.double() for p in parts], dim=1).tolist()
     out: list[SampledRow | Exception] = []
-    # One device→host transfer for the whole batch.
-    for i, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_lp.tolist())):
+    for i, row in enumerate(packed):
         if i in errors:
             out.append(errors[i])
             continue
+        tok, lp = int(row[0]), row[1]
         k = samplers[i].params.top_logprobs
-        top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
+        top = [(int(t), v) for t, v in zip(row[2:2 + k], row[2 + n_top:2 + n_top + k])]
         try:
             samplers[i].record(tok)
         except Exception as e:          # noqa: BLE001
@@ -193,7 +207,17 @@ def _mask_grammars(work: torch.Tensor, special: list[int], samplers: list[RowSam
     if not rows:
         return
     allowed, problems = allowed_tokens([samplers[special[j]].grammar for j in rows], work.shape[-1])
-    work[rows] = torch.where(allowed.to(work.device), work[rows], float("-inf"))
+    index = _to_device(rows, work.device)
+    work[index] = torch.where(_to_device(allowed, work.device), work[index], float("-inf"))
     for j, problem in zip(rows, problems):
         if problem is not None:
             errors[special[j]] = RuntimeError(f"grammar: {problem}")
+
+
+def _to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values → a tensor on `device` without waiting for it: on CUDA through pinned memory,
+    copied without blocking (the caching host allocator keeps the buffer until the copy ran)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

@@ -18,3 +18,4 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_model():
     assert any(line.startswith("[1]") and "8/8 requests" in line and line.endswith("PASS") for line in lines)
     assert any(line.startswith("[2] batch-1 decode") and "roofline" in line for line in lines)
     assert sum("CUDA graphs" in line and "adapters/base" in line for line in lines) == 2
+    assert any(line.startswith("[4] host synchronisations per decode step") for line in lines)

@@ -260,3 +260,80 @@ def test_kv_cache_memory_flag_takes_bytes_with_units_or_a_fraction():
     for bad in ("lots", "2XB", "0", "-1GiB"):
         with pytest.raises(argparse.ArgumentTypeError):
             memory_size(bad)
+
+
+def _gathered(cache, table, n):
+    """A sequence's first n keys/values read through its block table: [layers, n, kv head, dim]."""
+    slots = torch.tensor([table[p // cache.block_size] * cache.block_size + p % cache.block_size for p in range(n)])
+    return cache.k[:, slots], cache.v[:, slots]
+
+
+def test_decode_rows_hold_each_running_sequence_through_joins_departures_and_preemption():
+    from model.kv_cache import PagedKVCache
+
+    torch.manual_seed(0)
+    cache = PagedKVCache(n_layers=2, n_blocks=200, n_kv_heads=2, head_dim=4, block_size=4)
+    cache.prepare(199)
+    cache.k.normal_()
+    cache.v.normal_()
+    rows = cache.decode_rows
+    free = list(range(200))
+    random.Random(0).shuffle(free)
+    seqs = {name: [free.pop() for _ in range(10)] for name in "abcdef"}     # name → block table
+    lengths = {name: n for name, n in zip("abcdef", (5, 17, 9, 30, 1, 12))}
+
+    def place_and_check(names):
+        order = rows.place(names, [seqs[n] for n in names], [lengths[n] for n in names])
+        assert sorted(order) == list(range(len(names)))
+        # The forward appends each row's token: write one to the pool and to the rows alike.
+        k = torch.randn(len(names), 2, 1, 4)
+        v = torch.randn(len(names), 2, 1, 4)
+        ordered = [names[i] for i in order]
+        slots = torch.tensor([seqs[n][lengths[n] // 4] * 4 + lengths[n] % 4 for n in ordered])
+        for layer in range(2):
+            cache.k[layer, slots], cache.v[layer, slots] = k[:, :, 0], v[:, :, 0]
+            keys, values = rows.write_and_read(layer, k, v, max(lengths[n] for n in ordered) + 1)
+            for r, name in enumerate(ordered):
+                n = lengths[name] + 1
+                want_k, want_v = _gathered(cache, seqs[name], n)
+                assert torch.equal(keys[r, :, :n].transpose(0, 1), want_k[layer])
+                assert torch.equal(values[r, :, :n].transpose(0, 1), want_v[layer])
+        for name in names:
+            lengths[name] += 1
+        return ordered
+
+    first = place_and_check(list("abcdef"))
+    kept = place_and_check(list("abcdef"))
+    assert kept == first                            # a steady batch keeps its rows
+    # b and c finish, g joins; then the batch shrinks so rows past it move down.
+    seqs["g"], lengths["g"] = [free.pop() for _ in range(10)], 3
+    place_and_check(list("adefg"))
+    place_and_check(list("ag"))
+    # a is preempted and recomputed into new blocks (a new block-table list): its row is refilled.
+    seqs["a"] = [free.pop() for _ in range(10)]
+    place_and_check(list("agd"))
+    # Past the pool's own size the copies are refused (the runner then gathers).
+    assert rows.place(["x"] * 1, [list(range(10))], [790]) is None
+
+
+def test_decoding_through_contiguous_rows_equals_full_recomputation(loaded, registry, tmp_path):
+    model = loaded.model
+    weights = {"a": random_adapter(model, 11), "b": random_adapter(model, 12, layers=(0, 2), k_len=5)}
+    for name, w in weights.items():
+        upload(registry, loaded, tmp_path, name, w)
+    engine = Engine(loaded, registry, EngineConfig(max_batch=6, max_tokens_per_step=64, max_seq_len=160))
+    jobs = [("a", 9, 20), (None, 20, 8), ("b", 3, 14), (None, 40, 30), ("a", 14, 5), ("b", 30, 6)]
+    requests = [GenerationRequest(prompt_of(loaded, n, 20 + i), greedy(m), adapter=name)
+                for i, (name, n, m) in enumerate(jobs)]
+    handles = [engine.submit(r) for r in requests[:4]]
+    widths = set()
+    for step in range(400):
+        if step == 6:       # joins while others run; staggered lengths make rows leave mid-batch
+            handles += [engine.submit(r) for r in requests[4:]]
+        if step > 6 and all(h.done for h in handles):
+            break
+        engine.step()
+        if engine.cache.decode_rows.k is not None:
+            widths.add(engine.cache.decode_rows.k.shape[2])
+    assert len(widths) >= 2         # the rows were used, and grew with the context
+    assert_matches_reference(model, requests, [h.wait(0) for h in handles], weights)
