@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .bench_kinds import format_kinds, measure_kinds
+from .bench_prefill import format_prefill, measure_prefill, prefill_ratios
 from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
 
 _TOPICS = ("a lighthouse keeper", "the first snow of winter", "a lost robot", "a busy market", "an old map",
@@ -57,11 +58,17 @@ class BenchSizes:
     concurrency_new_tokens: int = 64
     system_prompt_tokens: int = 400
     system_prompt_requests: int = 32
+    prefill_chunks: tuple[int, ...] = (512, 2048)
+    prefill_rows: int = 4
+    ttft_requests: int = 32
+    ttft_prompt_tokens: int = 400
+    ttft_new_tokens: int = 32
 
 
 QUICK = BenchSizes(requests=4, adapters=2, new_tokens=8, adapter_len=4, adapter_layers=2, peft_batches=2,
                    copy_mib=16, matmul_n=256, concurrency=(2, 4), concurrency_adapters=2,
-                   concurrency_new_tokens=4, system_prompt_tokens=40, system_prompt_requests=4)
+                   concurrency_new_tokens=4, system_prompt_tokens=40, system_prompt_requests=4,
+                   prefill_chunks=(32, 64), prefill_rows=2, ttft_requests=4, ttft_prompt_tokens=40, ttft_new_tokens=4)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,6 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how many of the per-adapter batches PEFT runs (default 2; all = the full work)")
     p.add_argument("--no-peers", action="store_true", help="skip transformers, PEFT and llama.cpp (c, d, e-peers)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--only", choices=("prefill",),
+                   help="run only these rows: 'prefill' = (o) prefill chunks and (p) TTFT of 400-token prompts")
     p.add_argument("--repeats", type=int, default=1,
                    help="run (a), (b) and (d) this many times and keep each one's best "
                         "(steadier ratios on a shared machine)")
@@ -103,6 +112,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.path}: transformers/PEFT peers need an HF model directory (or pass --no-peers)")
     if args.repeats < 1:
         raise ValueError("--repeats must be ≥ 1")
+    if args.only == "prefill":
+        report = measure_prefill_only(loaded, sizes, peers, args.repeats)
+        print(json.dumps(report, indent=2) if args.json else "\n".join(format_prefill_only(report)))
+        return 0
     report = measure(loaded, sizes, peers, args.repeats)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
@@ -160,10 +173,33 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
             rate = llama_cpp_batch1(gguf, prompts[0], sizes.new_tokens) if gguf is not None else None
             if rate is not None:
                 out["llama_cpp"] = {"gguf": gguf.name, "batch1_decode_tok_s": rate}
+        out["prefill"] = measure_prefill(loaded, registry, refs, sizes, machine, peers, repeats)
         out["kinds"] = measure_kinds(loaded, registry, prompts, refs, sizes, peers, Path(tmp), engine_run,
                                      b["tok_s"])
     out["ratios"] = ratios(out)
     return out
+
+
+def measure_prefill_only(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
+    """`--only prefill`: the machine's rates and rows (o), (p)."""
+    from adapters.registry import AdapterRegistry  # noqa: PLC0415
+    from adapters.store import AdapterStore  # noqa: PLC0415
+
+    machine = {"copy_gb_s": copy_bandwidth(sizes.copy_mib), "matmul_gflop_s": matmul_rate(sizes.matmul_n),
+               "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="adapter-server-bench-") as tmp:
+        registry = AdapterRegistry(AdapterStore(Path(tmp) / "store"), loaded.model, loaded.fingerprint)
+        refs = upload_adapters(loaded, registry, random_adapters(loaded.model, sizes))
+        prefill = measure_prefill(loaded, registry, refs, sizes, machine, peers, repeats)
+    return {"model": loaded.name, "weights": loaded.weights, "machine": machine, "prefill": prefill,
+            "ratios": prefill_ratios(prefill)}
+
+
+def format_prefill_only(r: dict) -> list[str]:
+    m = r["machine"]
+    return [f"adapter-server bench --only prefill: {r['model']} ({r['weights'] or 'model dtype'} weights, "
+            f"{m['threads']} threads, matmul {m['matmul_gflop_s']:.1f} GFLOP/s)",
+            *format_prefill(r["prefill"], r["weights"])]
 
 
 def upload_adapters(loaded, registry, adapters) -> list[str]:
@@ -221,7 +257,7 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
     ttfts = sorted(r.ttft_s for r in results)
     decode_s = [r.latency_s - r.ttft_s for r in results]
     stats = engine.stats()
-    return {"tok_s": sum(r.generated_tokens for r in results) / wall,
+    return {"tok_s": sum(r.generated_tokens for r in results) / wall, "wall_s": wall,
             "decode_tok_s": (new_tokens - 1) / max(decode_s) if new_tokens > 1 else float("nan"),
             "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
             "kv_used_peak_bytes": stats.kv_cache_bytes * engine.scheduler.blocks_used_peak // stats.kv_blocks_total,
@@ -410,6 +446,7 @@ def ratios(r: dict) -> dict:
         out.update(a_over_c=e["adapters_tok_s"] / t["peft_per_adapter_batches_tok_s"],
                    a_over_d=e["adapters_tok_s"] / t["homogeneous_batch_tok_s"],
                    e_over_transformers_batch1=e["batch1_decode_tok_s"] / t["batch1_decode_tok_s"])
+    out.update(prefill_ratios(r["prefill"]))
     if "llama_cpp" in r:
         out["e_over_llama_cpp_batch1"] = e["batch1_decode_tok_s"] / r["llama_cpp"]["batch1_decode_tok_s"]
     return out
@@ -473,6 +510,7 @@ def format_table(r: dict) -> str:
     lines.append(f"(n) shared system prompt (≈{pc['prompt_tokens']:.0f} tokens) over {pc['requests']} requests: "
                  f"TTFT p50 {pc['ttft_p50_s']:.2f} s with the prefix cache, {pc['no_cache_ttft_p50_s']:.2f} s "
                  f"without; {ratio('n_prefix_cache_ttft_speedup', 'speed-up')}")
+    lines += format_prefill(r["prefill"], r["weights"])
     lines.append("throughput = generated tokens ÷ wall time incl. prefill"
                  + (f" (best of {r['repeats']} for a, b, d)" if r["repeats"] > 1 else "")
                  + "; copy bandwidth counts bytes read + written")
