@@ -11,7 +11,10 @@ rate measured in this run; (g) time to first token under the load of (a); (h) th
 (i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
 (server/bench_kinds.py); (m) concurrency: 16, 32, 64 and 128 requests over 32 adapters with
 `serve`'s default engine settings (tok/s, TTFT, KV-cache memory actually used); (n) a shared
-~400-token system prompt over 32 requests: TTFT with the prefix cache against without.
+~400-token system prompt over 32 requests: TTFT with the prefix cache against without; (o) one
+prefill chunk of 512 and of 2,048 tokens over mixed adapters, against the compute roofline and
+transformers' forward; (p) TTFT of 32 concurrent 400-token prompts (server/bench_prefill.py;
+`--only prefill` runs just (o) and (p)).
 
 Throughput (a)–(d) = generated tokens ÷ wall time from the first submission to the last token
 (prefill included), every request forced to exactly `--new-tokens` (EOS ignored, greedy).

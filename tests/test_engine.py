@@ -375,7 +375,8 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
     assert engine["constrained_tok_s"] > 0
     assert set(report["ratios"]) == {"a_over_b", "h_over_b", "a_over_c", "a_over_d", "a_over_compute_roofline",
                                      "e_over_bandwidth_roofline", "e_over_transformers_batch1",
-                                     "n_prefix_cache_ttft_speedup"}
+                                     "n_prefix_cache_ttft_speedup", "o32_over_compute_roofline",
+                                     "o32_over_transformers", "o64_over_compute_roofline", "o64_over_transformers"}
     kinds = report["kinds"]
     assert kinds["lora_tok_s"] > 0 and kinds["mixed_tok_s"] > 0 and kinds["peft_lora_tok_s"] > 0
     assert set(kinds["cold_load_ms"]) == {"llama-adapter", "lora", "prefix-tuning"}
@@ -383,8 +384,22 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
     assert all(row["tok_s"] > 0 and 0 < row["kv_used_peak_bytes"] <= row["kv_reserved_bytes"]
                for row in report["concurrency"])
     assert report["prefix_cache"]["ttft_p50_s"] > 0
+    prefill = report["prefill"]
+    assert [c["chunk_tokens"] for c in prefill["chunks"]] == [32, 64]
+    assert all(c["tok_s"] > 0 and c["transformers_tok_s"] > 0 for c in prefill["chunks"])
+    assert prefill["ttft"]["requests"] == 4 and prefill["ttft"]["ttft_p50_s"] > 0
     table = format_table(report)
-    assert all(f"({row})" in table for row in "abcdefghijklmn")
+    assert all(f"({row})" in table for row in "abcdefghijklmnop")
+
+
+def test_bench_only_prefill_runs_rows_o_and_p_alone(tiny_model_dir):
+    from model.loading import load_model
+    from server.bench import QUICK, format_prefill_only, measure_prefill_only
+
+    report = measure_prefill_only(load_model(tiny_model_dir), QUICK, peers=False)
+    assert set(report["ratios"]) == {"o32_over_compute_roofline", "o64_over_compute_roofline"}
+    table = "\n".join(format_prefill_only(report))
+    assert "(o)" in table and "(p)" in table and "(a)" not in table
 
 
 def test_generate_cli_json_with_and_without_adapter(tiny_model_dir, tmp_path, capsys):
