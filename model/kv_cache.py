@@ -89,9 +89,7 @@ class PagedKVCache:
         """Store k/v [B, Hkv, T, D] at write_slots [B·T], then gather each row's blocks
         read_blocks [B, nb] → keys/values [B, Hkv, read_len, D] (views of one gathered copy)."""
         b, hkv, t, d = k.shape
-        ck, cv = self.k[layer], self.v[layer]
-        ck.index_copy_(0, write_slots, k.transpose(1, 2).reshape(b * t, hkv, d))
-        cv.index_copy_(0, write_slots, v.transpose(1, 2).reshape(b * t, hkv, d))
+        ck, cv = self.write(layer, write_slots, k, v)
         if self.decode_rows.active:
             return self.decode_rows.write_and_read(layer, k, v, read_len)
         flat = read_blocks.reshape(-1)
@@ -105,6 +103,15 @@ class PagedKVCache:
             blocks = torch.index_select(rows, 0, flat, out=None if buffer is None else buffer.view(flat.numel(), -1))
             out.append(blocks.view(b, n, hkv, d)[:, :read_len].transpose(1, 2))
         return out[0], out[1]
+
+    def write(self, layer: int, write_slots: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, T, D] at write_slots [B·T] → the layer's whole key/value caches."""
+        b, hkv, t, d = k.shape
+        ck, cv = self.k[layer], self.v[layer]
+        ck.index_copy_(0, write_slots, k.transpose(1, 2).reshape(b * t, hkv, d))
+        cv.index_copy_(0, write_slots, v.transpose(1, 2).reshape(b * t, hkv, d))
+        return ck, cv
 
     def _gather_buffer(self, which: int, n_blocks: int) -> torch.Tensor | None:
         """On CPU, gathers go into two persistent buffers (keys, values) reused by every layer:

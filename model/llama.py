@@ -88,7 +88,14 @@ class Attention(nn.Module):
         lora = adapter.lora if adapter is not None else None
         q, k, v = self.rotated_qkv(x, cos, sin, lora)
         prefix = adapter.prefix if adapter is not None else None
-        if ctx.cache is None and prefix is None:
+        if ctx.own_keys_only:       # a first prompt chunk: its own keys are all it reads
+            ctx.cache.write(self.layer_idx, ctx.write_slots, k, v)
+            # In the dtype wo rounds its input to anyway (q/k/v come out of wqkv in it): SDPA's
+            # CPU kernel runs ~2.5× faster in bf16 than in fp32 (1 × 512 tokens: 8.2 → 2.9 ms).
+            dt = self.wo.dtype if isinstance(self.wo, PackedLinear) else q.dtype
+            out = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), is_causal=True,
+                                                 enable_gqa=True).to(q.dtype)
+        elif ctx.cache is None and prefix is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
         elif ctx.cache is None:
             keys, values = prefix.prepend(self.layer_idx, k, v)
@@ -124,10 +131,13 @@ class FeedForward(nn.Module):
         del self.w1, self.w3
 
     def forward(self, x: torch.Tensor, adapter: LayerAdapters | None = None) -> torch.Tensor:
-        gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
         lora = adapter.lora if adapter is not None else None
         if lora is None:
+            # Packed: gate/up stay in the kernel's dtype (bf16), as silu(gate)·up is w2's input,
+            # rounded to it anyway: no float32 round trip of [T, 2·ffn_dim].
+            gate, up = self.w13.native(x) if self.w13 is not None else (self.w1(x), self.w3(x))
             return self.w2(F.silu(gate) * up)
+        gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
         gate, up = lora.add(("gate", "up"), x, (gate, up))
         h = F.silu(gate) * up
         return lora.add(("down",), h, (self.w2(h),))[0]
@@ -155,6 +165,8 @@ class _StepContext:
         self.cache = cache
         self.write_slots = self.read_blocks = self.mask = None
         self.read_len = 0
+        self.own_keys_only = False
+        prefix = adapters.prefix if adapters is not None else None
         if cache is not None:
             if block_tables is None:
                 raise ValueError("a KV cache needs the block table of every sequence")
@@ -165,7 +177,14 @@ class _StepContext:
             # host synchronisation (CUDA graphs).
             if read_len is None:
                 read_len = int(positions.max()) + 1
+                # A chunk that starts every row at position 0 (prompts' first chunks, padding after
+                # them) reads only its own new keys: causal attention over them, with no gather
+                # from the cache and no mask (SDPA at 4 × 512 tokens: 107 → 64 ms per layer).
+                # Asked only here, where the step synchronises anyway.
+                self.own_keys_only = (prefix is None and positions.shape[1] > 1
+                                      and not bool(positions[:, 0].any()))
             self.read_len = read_len
+        if cache is not None and not self.own_keys_only:
             self.read_blocks = block_tables[:, :-(-read_len // bs)]
             key_pos = torch.arange(read_len, device=positions.device)
             visible = key_pos[None, None, None, :] <= positions[:, None, :, None]     # [B,1,T,L]
@@ -173,7 +192,6 @@ class _StepContext:
             # the query heads folded onto each KV head: [B, 1, heads_per_kv·T, L].
             zeros = torch.zeros(visible.shape, dtype=cache.k.dtype, device=positions.device)
             self.mask = zeros.masked_fill(~visible, float("-inf")).repeat(1, 1, heads_per_kv, 1)
-        prefix = adapters.prefix if adapters is not None else None
         if prefix is not None:    # one joint softmax over [prefix; tokens]
             if self.mask is None:
                 t = positions.shape[1]

