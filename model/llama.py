@@ -71,7 +71,7 @@ class Attention(nn.Module):
         if self.wqkv is not None and lora is None:
             # q and k are adjacent heads of the one packed product: one RoPE over both (decode is
             # launch-bound), element for element the same arithmetic as rotating each apart.
-            qkv = self.wqkv.product(x).view(b, t, h + 2 * hkv, d).transpose(1, 2)
+            qkv = self.wqkv.product(x).float().view(b, t, h + 2 * hkv, d).transpose(1, 2)   # K/V cache: fp32
             qk = apply_rope(qkv[:, :h + hkv], cos, sin)
             return qk[:, :h], qk[:, h:], qkv[:, h + hkv:]
         q, k, v = self.project_qkv(x)
