@@ -136,7 +136,7 @@ class Engine:
 
     def run_here(self, keep_going: Callable[[], bool]) -> None:
         """The step loop on the calling thread, instead of start()'s own, until shutdown() or,
-        once idle, until keep_going() turns false (checked twice a second while idle).
+        once idle, until keep_going() turns false (checked on becoming idle, then twice a second).
 
         Why a server steps on its main thread: GNU OpenMP (torch's CPU thread pool) spins
         between parallel regions only while its threads do not outnumber the cores; a second
@@ -294,8 +294,10 @@ class Engine:
                 while not self._has_work() and not self._stop:
                     if keep_going is None:
                         self._wakeup.wait()
-                    elif not self._wakeup.wait(0.5) and not keep_going():
+                    elif not keep_going():      # asked before waiting: an idle caller returns at once
                         return
+                    else:
+                        self._wakeup.wait(0.5)
                 if self._stop and not self._has_work():
                     return
             try:
