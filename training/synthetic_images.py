@@ -13,10 +13,12 @@ memorise pictures.
 Also written: `encoder/`, a tiny CLIP ViT in HF layout (48 px images, 8 px patches, 3 layers,
 width 64) to pass as `--vision-model`. No small trained CLIP ships inside a Python package, and a
 seeded random tower does not separate shapes (a held-out linear probe reads colour ~0.9 but
-shape at chance), so the tower is first trained briefly to name colour and shape, never on a
+shape at chance), so the tower is first trained to name colour and shape, never on a
 held-out pair (`pretrain_encoder`), standing in for a CLIP that knows them. `--probe` reports a
-held-out linear probe of its features: with the default 250 steps colour 1.00 but shape only
-0.15, i.e. still too weak for shape on unseen pairs (see the README's image-adapter demo). Point `--vision-model` at a real CLIP
+held-out linear probe of its features. Measured on a quiet 2-core machine (probe: ridge on the 240
+training images' features, scored on the held-out pairs): 250 steps over 1,200 images (10 s)
+colour 1.00, shape 0.15; 4,000 steps over 4,000 images (99 s) 0.83 / 0.90; the default, 8,000
+steps over 4,000 images (3.6 min), 0.90 / 0.97. Point `--vision-model` at a real CLIP
 (e.g. openai/clip-vit-large-patch14, the paper's) for real images.
 
     python -m training.synthetic_images --out DIR [--train 240] [--test 60] [--seed 0]
@@ -114,7 +116,7 @@ def demo_encoder_config():
 DEMO_FEATURE_LAYERS = (1, 2, 3)
 
 
-def pretrain_encoder(n_images: int = 1200, steps: int = 250, seed: int = 0, batch: int = 32):
+def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, batch: int = 32):
     """A tiny CLIP ViT trained to name colour and shape (two linear heads on its multi-scale
     global feature, dropped afterwards), standing in for a real CLIP, which knows colours and
     shapes (a random tower does not separate shapes: held-out linear probe at chance).
