@@ -60,7 +60,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], kvs, max_new: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, help="keep data, encoder, adapter, loss curve here (default: a temp dir)")
-    p.add_argument("--train", type=int, default=240)
+    p.add_argument("--train", type=int, default=960)
     p.add_argument("--test", type=int, default=60)
     p.add_argument("train_flags", nargs="*", help="extra flags for the training command (after --)")
     args = p.parse_args()
