@@ -6,8 +6,8 @@ colour-and-shape task, then compare held-out exact match, base vs adapter.
 
 The data and its encoder come from `python -m training.synthetic_images`, the training step is the
 documented one-liner (`python -m training --method llama-adapter-visual --vision-model ...`).
-Answers are greedy, decoded here by recomputing the whole sequence each step (a handful of
-tokens) through the served adapter math: preprocess → encoder → compute_visual_adapter_kv.
+Answers are greedy, from the engine as served: the adapter is uploaded to a store and every test
+image goes in as the server takes it (`decode_image`), so the demo measures the serving path.
 """
 
 from __future__ import annotations
@@ -20,41 +20,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from PIL import Image
-
 from adapters.format import load_adapter
-from model.adapter import AdapterBatch, compute_visual_adapter_kv
-from model.image_preprocess import preprocess
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
 from model.loading import load_model
-from model.vision import VisionTower
+from model.vision import load_vision
+from server.engine import Engine
+from server.images import decode_image
+from server.routes_common import ServerSettings
+from server.types import EngineConfig, GenerationRequest, SamplingParams
 from training.data import alpaca_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], kvs, max_new: int = 8) -> list[str]:
-    """Greedy continuations of every prompt at once (right-padded, whole sequence each step)."""
-    rows = [list(p) for p in prompts]
-    done = [False] * len(rows)
-    out: list[list[int]] = [[] for _ in rows]
-    adapters = AdapterBatch.build(kvs, model.config.n_layers) if kvs is not None else None
-    for _ in range(max_new):
-        width = max(len(r) for r in rows)
-        tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        logits = model(tokens, adapters=adapters, logits_index=torch.tensor([len(r) - 1 for r in rows]))
-        for i, t in enumerate(logits.argmax(-1).tolist()):
-            if done[i]:
-                continue
-            if t in tokenizer.stop_ids:
-                done[i] = True
-            else:
-                out[i].append(t)
-            rows[i].append(t)
-        if all(done):
-            break
-    return [tokenizer.decode(o).strip() for o in out]
+def greedy_answers(engine: Engine, prompts: list[list[int]], adapter: str | None, images) -> list[str]:
+    """Greedy answers for every prompt (all submitted at once: the engine batches them)."""
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    handles = [engine.submit(GenerationRequest(p, params, adapter=adapter, images=(image,) if image else ()))
+               for p, image in zip(prompts, images)]
+    return [h.wait(timeout=1800).text.strip() for h in handles]
 
 
 def main() -> None:
@@ -79,19 +64,24 @@ def main() -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
     train_seconds = time.perf_counter() - t0
 
+    _, meta = load_adapter(work / "adapter.safetensors")
     loaded = load_model("default")
-    tower = VisionTower.from_dir(work / "encoder")
-    weights, meta = load_adapter(work / "adapter.safetensors")
+    tower = load_vision(work / "encoder")
+    registry = AdapterRegistry(AdapterStore(work / "store"), loaded.model, loaded.fingerprint, vision=tower)
+    ref = registry.upload("shapes", (work / "adapter.safetensors").read_bytes()).ref
     rows = [json.loads(line) for line in (work / "test.jsonl").read_text().splitlines()]
     prompts = [loaded.tokenizer.encode(alpaca_prompt(r["instruction"], r.get("input", ""))) for r in rows]
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        pixels = preprocess([Image.open(work / r["image"]) for r in rows], tower.config)
-        features = tower.global_features(pixels, weights.feature_layers)
-        kvs = [compute_visual_adapter_kv(loaded.model, weights, f) for f in features]
-    base = greedy_answers(loaded.model, loaded.tokenizer, prompts, None)
-    tuned = greedy_answers(loaded.model, loaded.tokenizer, prompts, kvs)
-    eval_seconds = time.perf_counter() - t0
+    images = [decode_image((work / r["image"]).read_bytes(), None, ServerSettings.max_image_pixels, "image")
+              for r in rows]
+    engine = Engine(loaded, registry, EngineConfig(max_batch=64, max_seq_len=256, max_tokens_per_step=512),
+                    vision=tower).start()
+    try:
+        t0 = time.perf_counter()
+        base = greedy_answers(engine, prompts, None, [None] * len(rows))
+        tuned = greedy_answers(engine, prompts, ref, images)
+        eval_seconds = time.perf_counter() - t0
+    finally:
+        engine.shutdown()
     base_em = sum(b == r["output"] for b, r in zip(base, rows)) / len(rows)
     tuned_em = sum(t == r["output"] for t, r in zip(tuned, rows)) / len(rows)
     colour_ok = sum(t.split(" ")[0] == r["colour"] for t, r in zip(tuned, rows)) / len(rows)
