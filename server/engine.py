@@ -331,7 +331,10 @@ class Engine:
         self.output.flush()
 
     def _count_admissions(self, plan: StepPlan) -> None:
+        now = time.perf_counter()
         for seq in plan.admitted:
+            if seq.payload.t_admitted is None:      # a preempted sequence keeps its first admission
+                seq.payload.t_admitted = now
             if not seq.takes_prefix_hits or not self.scheduler.blocks.prefix_caching:
                 continue
             name = _adapter_names(seq.payload.lease)

@@ -121,6 +121,9 @@ class ServerMetrics:
                                  ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Submit to first token.",
                               ["adapter"], buckets=_TTFT_BUCKETS, registry=r)
+        self.queue = Histogram(f"{PREFIX}_queue_seconds", "Submit to admission into the running batch "
+                               "(waiting for a row or KV-cache blocks); TTFT minus this is prompt processing.",
+                               ["adapter"], buckets=_TTFT_BUCKETS, registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.",
                                      ["adapter", "tenant"], registry=r)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated.",
@@ -156,6 +159,7 @@ class ServerMetrics:
             self.latency.labels(adapter).observe(result.latency_s)
         if result.generated_tokens:
             self.ttft.labels(adapter).observe(result.ttft_s)
+            self.queue.labels(adapter).observe(result.queue_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -118,6 +118,7 @@ class RequestState:
     eos_ids: frozenset[int]                     # ids that finish with "eos_token"
     seed: int
     t_submit: float
+    t_admitted: float | None = None             # first admission to the running batch
     t_first: float | None = None
     text: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -198,6 +199,7 @@ class OutputProcessor:
             prompt_tokens=n_prompt, generated_tokens=len(generated),
             adapter_ref=state.lease.ref if state.lease is not None else None, seed=state.seed,
             ttft_s=(state.t_first or now) - state.t_submit, latency_s=now - state.t_submit,
+            queue_s=(state.t_admitted or now) - state.t_submit,
             stop_sequence=stop_sequence, tenant=state.request.tenant, prompt_logprobs=prompt_logprobs)
         self.post(state.handle, result)
         for fn in self.callbacks:

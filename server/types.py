@@ -187,6 +187,9 @@ class GenerationResult:
     seed: int
     ttft_s: float                       # submit → first token
     latency_s: float                    # submit → finish
+    # submit → first admitted to the running batch (waiting for a row or KV-cache blocks); the
+    # rest of ttft_s is prompt processing, shared with the other rows' steps
+    queue_s: float = 0.0
     stop_sequence: str | None = None    # the stop string that ended it, if any
     tenant: str | None = None           # the request's tenant, for metrics labels
     # With SamplingParams.prompt_logprobs: per prompt token (logprob, top-N alternatives);

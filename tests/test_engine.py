@@ -273,6 +273,16 @@ def test_kv_cache_is_reused_over_1000_short_requests(loaded, registry, tmp_path)
     assert registry.stats().pinned_count == 0
 
 
+def test_queue_time_is_the_wait_for_a_row_before_prompt_processing(loaded):
+    engine = Engine(loaded, None, EngineConfig(max_batch=1, max_tokens_per_step=8))
+    first = engine.submit(GenerationRequest(prompt_of(loaded, 5, 0), greedy(6)))
+    second = engine.submit(GenerationRequest(prompt_of(loaded, 5, 1), greedy(6)))
+    a, b = run_until_done(engine, [first, second])
+    # The second waited for the first's whole run (one row), then processed its prompt.
+    assert 0 <= a.queue_s <= a.ttft_s and b.queue_s <= b.ttft_s
+    assert b.queue_s >= a.latency_s - a.queue_s > 0
+
+
 def test_async_streaming_generate_and_shutdown(loaded):
     engine = Engine(loaded, None, EngineConfig(max_batch=4, max_tokens_per_step=16)).start()
 

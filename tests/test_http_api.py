@@ -286,6 +286,7 @@ def test_metrics(server, oai):
     m = server.metric
     assert m("adapter_server_requests_total", adapter="alpha", endpoint="chat_completions", status="200") >= 1
     assert m("adapter_server_time_to_first_token_seconds_count", adapter="alpha") >= 1
+    assert m("adapter_server_queue_seconds_count", adapter="alpha") >= 1
     assert m("adapter_server_generated_tokens_total", adapter="alpha") >= 2
     assert m("adapter_server_requests_total", adapter="(unknown)", endpoint="chat_completions", status="404") >= 1
     assert m("adapter_server_queue_depth") == 0 and m("adapter_server_running_requests") == 0
