@@ -40,6 +40,7 @@ from .bench_images import bench_tower, format_images, measure_images
 from .bench_http import format_http, http_runs
 from .bench_kinds import format_kinds, measure_kinds
 from .bench_prefill import format_prefill, measure_prefill, prefill_ratios
+from .types import EngineConfig
 from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
 
 _TOPICS = ("a lighthouse keeper", "the first snow of winter", "a lost robot", "a busy market", "an old map",
@@ -261,7 +262,7 @@ def batch_config(loaded, n_requests: int, **overrides):
     engine as served ran 250)."""
     n = n_requests
     return serve_config(loaded, **{"max_batch": max(64, n), "max_queue": max(256, n),
-                                   "max_tokens_per_step": max(512, n), **overrides})
+                                   "max_tokens_per_step": max(EngineConfig.max_tokens_per_step, n), **overrides})
 
 
 def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
@@ -307,9 +308,7 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
 
 def serve_config(loaded, **overrides):
     """The engine settings `adapter-server serve` uses when given no flags."""
-    from .types import EngineConfig  # noqa: PLC0415
-
-    return EngineConfig(**{"max_batch": 64, "max_queue": 256, "max_tokens_per_step": 512,
+    return EngineConfig(**{"max_batch": 64, "max_queue": 256,
                            "max_seq_len": min(loaded.config.max_seq_len, 4096), **overrides})
 
 

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
+from server.types import EngineConfig
 
 ENV_PREFIX = "ADAPTER_SERVER_"
 log = logging.getLogger("adapter_server.serve")
@@ -158,9 +159,10 @@ def register(subparsers) -> None:
          nargs="?", const=True)
     _add(p, "--cuda-graphs", True, "replay the decode step as CUDA graphs (CUDA)", type=_flag_bool,
          nargs="?", const=True)
-    _add(p, "--max-tokens-per-step", 512,
+    _add(p, "--max-tokens-per-step", EngineConfig.max_tokens_per_step,
          "tokens per step, decode rows included (chunked prefill budget): larger admits more prompt "
-         "tokens per step (lower TTFT in bursts) but spaces decode steps further apart",
+         "tokens per step (more throughput and lower TTFT in bursts of prompts) but spaces decode "
+         "steps further apart while prompts wait; 512 for steadier decoding",
          type=_positive(int))
     _add(p, "--max-queue", 256, "waiting requests beyond the batch; more get 503 + Retry-After",
          type=_positive(int))
@@ -228,7 +230,6 @@ def run(args: argparse.Namespace) -> int:
     from server.app import ServerSettings, create_app
     from server.engine import Engine
     from server.replica_watch import StoreWatcher
-    from server.types import EngineConfig
 
     logging.getLogger().setLevel(args.log_level.upper())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

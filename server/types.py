@@ -204,7 +204,12 @@ CompletionCallback = Callable[[GenerationResult], None]
 class EngineConfig:
     max_batch: int = 64                 # running sequences = rows per decode step
     max_seq_len: int = 2048             # prompt + generated tokens per sequence
-    max_tokens_per_step: int = 512      # prompt tokens + decode tokens in one forward (chunked prefill)
+    # Prompt tokens + decode tokens in one step (chunked prefill). 2048, vLLM-CPU's server default:
+    # under 32 concurrent 400-token prompts, 512 (one prompt a step) ran a decode forward beside
+    # every 400-token chunk (62 steps); 2048 (five a step, 38 steps) measured 29% more tokens per
+    # CPU-second and TTFT p95 34% lower (p50 11%), with decode steps ~3× further apart while
+    # prompts wait.
+    max_tokens_per_step: int = 2048
     max_queue: int = 256                # waiting requests beyond the running batch
     # KV-cache size: bytes (int ≥ 1), or a fraction in (0, 1) of the free device memory (CUDA).
     # None: on CPU what 8 sequences of max_seq_len need (reserved, resident only once used);
