@@ -64,7 +64,10 @@ def kv_cache_blocks(config: EngineConfig, model_config, dtype: torch.dtype, devi
     budget = config.kv_cache_memory
     if budget is None:
         if device.type != "cuda":
-            return config.DEFAULT_CPU_SEQUENCES * -(-max_seq_len // config.block_size)
+            # Sized by the model's context, not only --max-seq-len: lowering the per-sequence
+            # limit must buy more concurrent sequences, not shrink the cache under them.
+            seq = max(max_seq_len, min(model_config.max_seq_len, config.DEFAULT_MAX_SEQ_LEN))
+            return config.DEFAULT_CPU_SEQUENCES * -(-seq // config.block_size)
         budget = config.DEFAULT_CUDA_FRACTION
     if isinstance(budget, float):
         if device.type != "cuda":

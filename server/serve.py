@@ -154,7 +154,7 @@ def register(subparsers) -> None:
          shown="the model's context, at most 4096")
     _add(p, "--kv-cache-memory", None, "KV-cache size: bytes (2GiB, 512MB) or, on CUDA, a fraction of free "
          "device memory (0.8)", type=memory_size,
-         shown="CPU: what 8 sequences of --max-seq-len need; CUDA: 0.8")
+         shown="CPU: what 8 sequences of the model's context (at most 4096, at least --max-seq-len) need; CUDA: 0.8")
     _add(p, "--no-prefix-cache", False, "do not reuse prompt blocks across requests", type=_flag_bool,
          nargs="?", const=True)
     _add(p, "--cuda-graphs", True, "replay the decode step as CUDA graphs (CUDA)", type=_flag_bool,
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("adapter store %s: %d adapter(s)%s", store.root, len(adapters),
              (": " + ", ".join(a.latest.ref for a in adapters[:20])) if adapters else "")
 
-    max_seq_len = args.max_seq_len or min(cfg.max_seq_len, 4096)
+    max_seq_len = args.max_seq_len or min(cfg.max_seq_len, EngineConfig.DEFAULT_MAX_SEQ_LEN)
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=max_seq_len,
                                  max_tokens_per_step=max(args.max_tokens_per_step, args.max_batch),
                                  max_queue=args.max_queue, compile=args.compile,

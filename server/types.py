@@ -212,8 +212,8 @@ class EngineConfig:
     max_tokens_per_step: int = 2048
     max_queue: int = 256                # waiting requests beyond the running batch
     # KV-cache size: bytes (int ≥ 1), or a fraction in (0, 1) of the free device memory (CUDA).
-    # None: on CPU what 8 sequences of max_seq_len need (reserved, resident only once used);
-    # on CUDA 0.8 of the free memory.
+    # None: on CPU what 8 sequences of the model's context (at most DEFAULT_MAX_SEQ_LEN, at least
+    # max_seq_len) need (reserved, resident only once used); on CUDA 0.8 of the free memory.
     kv_cache_memory: int | float | None = None
     block_size: int = 16                # tokens per KV-cache block
     prefix_caching: bool = True         # reuse full prompt blocks across requests (same base/adapter version)
@@ -227,7 +227,8 @@ class EngineConfig:
     cuda_graphs: bool = True            # CUDA: replay the decode step as CUDA graphs (no effect on CPU)
     image_feature_cache: int = 1024     # images whose vision features stay cached (LRU by content hash); 0 = off
 
-    DEFAULT_CPU_SEQUENCES = 8           # the old slot cache's default size, in max_seq_len sequences
+    DEFAULT_CPU_SEQUENCES = 8           # the old slot cache's default size, in full-context sequences
+    DEFAULT_MAX_SEQ_LEN = 4096          # serve's --max-seq-len when not given: the model's context, at most this
     DEFAULT_CUDA_FRACTION = 0.8
 
     def validate(self) -> None:
