@@ -147,9 +147,7 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1, vision=Non
     from adapters.store import AdapterStore  # noqa: PLC0415
 
     model, cfg = loaded.model, loaded.config
-    prompts = [loaded.tokenizer.encode_chat([{"role": "user", "content": f"Write a short story about "
-                                              f"{_TOPICS[i % len(_TOPICS)]} (number {i})."}])
-               for i in range(sizes.requests)]
+    prompts = story_prompts(loaded.tokenizer, sizes.requests)
     adapters = random_adapters(model, sizes)
     machine = {"copy_gb_s": copy_bandwidth(sizes.copy_mib), "matmul_gflop_s": matmul_rate(sizes.matmul_n),
                "threads": torch.get_num_threads()}
@@ -223,6 +221,15 @@ def format_prefill_only(r: dict) -> list[str]:
             *format_prefill(r["prefill"], r["weights"])]
 
 
+def story_prompts(tokenizer, n: int) -> list[list[int]]:
+    """n distinct chat prompts asking for a story (a topic each; past the 32 topics, the same
+    topics with other asks)."""
+    asks = ("Write a short story about", "Describe", "Write a poem about", "Explain to a child")
+    return [tokenizer.encode_chat([{"role": "user", "content": f"{asks[i // len(_TOPICS) % len(asks)]} "
+                                    f"{_TOPICS[i % len(_TOPICS)]} (number {i})."}])
+            for i in range(n)]
+
+
 def upload_adapters(loaded, registry, adapters) -> list[str]:
     """Store AdapterWeights as bench0, bench1, ... → their refs."""
     from adapters.format import metadata_for  # noqa: PLC0415
@@ -279,18 +286,15 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
     config = config or batch_config(loaded, len(prompts))
     engine = Engine(loaded, registry, config, vision=vision)
 
-    def submit_all(params):
-        return [engine.submit(GenerationRequest(p, params, adapter=ref, images=(images[i],) if images else ()))
+    def requests(params):
+        return [GenerationRequest(p, params, adapter=ref, images=(images[i],) if images else ())
                 for i, (p, ref) in enumerate(zip(prompts, adapter_refs))]
     try:
         if warm_up:
-            submit_all(SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True))
-            engine.run_here(lambda: False)
+            run_to_completion(engine, requests(SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)))
         encode_s = engine.stats().image_encode_seconds
         t0 = time.perf_counter()
-        handles = submit_all(params)
-        engine.run_here(lambda: False)      # on this thread, as `serve` runs it; returns when idle
-        results = [h.wait() for h in handles]
+        results = run_to_completion(engine, requests(params))
         wall = time.perf_counter() - t0
     finally:
         engine.shutdown(graceful=False)
@@ -303,6 +307,14 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
             "kv_used_peak_bytes": stats.kv_cache_bytes * engine.scheduler.blocks_used_peak // stats.kv_blocks_total,
             "kv_reserved_bytes": stats.kv_cache_bytes, "preemptions": stats.preemptions_total,
             "image_encode_s": stats.image_encode_seconds - encode_s}
+
+
+def run_to_completion(engine, requests) -> list:
+    """Submit every request, step the engine on this thread (as `serve` runs it) until it is
+    idle → their GenerationResults, in order."""
+    handles = [engine.submit(r) for r in requests]
+    engine.run_here(lambda: False)
+    return [h.wait() for h in handles]
 
 
 def serve_config(loaded, **overrides):
