@@ -75,17 +75,19 @@ def serve_mode(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int,
 
 def compare(ref: dict, got: dict, task: list[tuple[list[int], str]]) -> dict:
     """`got`'s figures against the fp32 reference `ref` (both from serve_mode)."""
-    prefixes = []
-    for a, b in zip(ref["tokens"], got["tokens"]):
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        prefixes.append(same / len(a))
-    deltas = [abs(x - y) for a, b in zip(ref["logprobs"], got["logprobs"]) for x, y in zip(a, b)]
-    chosen = [s[-len(t):] for s, t in zip(ref["scored"], got["top1"])]
-    top1 = [x == y for a, b in zip(chosen, got["top1"]) for x, y in zip(a, b)]
-    out = {"greedy_prefix_agreement": statistics.mean(prefixes),
-           "greedy_identical_prompts": sum(p == 1.0 for p in prefixes) / len(prefixes),
-           "mean_abs_delta_logprob": statistics.mean(deltas), "max_abs_delta_logprob": max(deltas),
-           "teacher_forced_top1_agreement": sum(top1) / len(top1)}
+    out = {}
+    if ref["tokens"]:
+        prefixes = []
+        for a, b in zip(ref["tokens"], got["tokens"]):
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            prefixes.append(same / len(a))
+        deltas = [abs(x - y) for a, b in zip(ref["logprobs"], got["logprobs"]) for x, y in zip(a, b)]
+        chosen = [s[-len(t):] for s, t in zip(ref["scored"], got["top1"])]
+        top1 = [x == y for a, b in zip(chosen, got["top1"]) for x, y in zip(a, b)]
+        out = {"greedy_prefix_agreement": statistics.mean(prefixes),
+               "greedy_identical_prompts": sum(p == 1.0 for p in prefixes) / len(prefixes),
+               "mean_abs_delta_logprob": statistics.mean(deltas), "max_abs_delta_logprob": max(deltas),
+               "teacher_forced_top1_agreement": sum(top1) / len(top1)}
     if got["answers"]:
         out["task_exact_match"] = sum(a == e for a, (_, e) in zip(got["answers"], task)) / len(task)
     return out
@@ -110,9 +112,11 @@ def format_accuracy(report: dict[str, dict], n_prompts: int, new_tokens: int, n_
              f"{'top-1 (tf)':>10s} {'task EM':>7s}"]
     for mode, r in report.items():
         em = f"{r['task_exact_match']:7.0%}" if "task_exact_match" in r else "      –"
-        lines.append(f"{mode:6s} {r['greedy_prefix_agreement']:13.3f} {r['greedy_identical_prompts']:9.0%} "
-                     f"{r['mean_abs_delta_logprob']:10.4f} {r['max_abs_delta_logprob']:9.3f} "
-                     f"{r['teacher_forced_top1_agreement']:10.3f} {em}")
+        greedy = (f"{r['greedy_prefix_agreement']:13.3f} {r['greedy_identical_prompts']:9.0%} "
+                  f"{r['mean_abs_delta_logprob']:10.4f} {r['max_abs_delta_logprob']:9.3f} "
+                  f"{r['teacher_forced_top1_agreement']:10.3f}" if n_prompts else f"{'–':>13s} {'–':>9s} "
+                  f"{'–':>10s} {'–':>9s} {'–':>10s}")
+        lines.append(f"{mode:6s} {greedy} {em}")
     lines.append(f"against fp32: {n_prompts} prompts × {new_tokens} greedy tokens; |Δlp| and top-1 teacher-forced "
                  f"on fp32's tokens" + (f"; task EM: {n_task} held-out synthetic examples with the adapter"
                                         if n_task else ""))
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter", type=Path, help="adapter trained on the synthetic task (no task row without it)")
     p.add_argument("--task-data", type=Path, help="held-out rows (JSONL: instruction, input, output; "
                                                   "default: the demo's split)")
-    p.add_argument("--prompts", type=int, default=100)
+    p.add_argument("--prompts", type=int, default=100, help="greedy prompts (0: the task row only)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
