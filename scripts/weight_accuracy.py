@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # run from anywhere
+# This checkout's packages, not an installed copy (a script's own directory comes first on sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapters.registry import AdapterRegistry  # noqa: E402
 from adapters.store import AdapterStore  # noqa: E402
