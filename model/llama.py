@@ -113,8 +113,10 @@ class Attention(nn.Module):
         for gated in adapter.gated if adapter is not None else ():
             out = out + adapter_attention(q, gated, self.fused_adapter_attention)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        y = self.wo(out)
-        return lora.add(("o",), out, (y,))[0] if lora is not None else y
+        if lora is not None:
+            return lora.add(("o",), out, (self.wo(out),))[0]
+        # Packed: in the kernel's dtype; the caller's residual add widens it to float32 exactly.
+        return self.wo.native(out) if isinstance(self.wo, PackedLinear) else self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -132,11 +134,14 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, adapter: LayerAdapters | None = None) -> torch.Tensor:
         lora = adapter.lora if adapter is not None else None
+        if lora is None and self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
         if lora is None:
             # Packed: gate/up stay in the kernel's dtype (bf16), as silu(gate)·up is w2's input,
-            # rounded to it anyway: no float32 round trip of [T, 2·ffn_dim].
-            gate, up = self.w13.native(x) if self.w13 is not None else (self.w1(x), self.w3(x))
-            return self.w2(F.silu(gate) * up)
+            # rounded to it anyway: no float32 round trip of [T, 2·ffn_dim]; w2's output too (the
+            # caller's residual add widens it to float32 exactly).
+            gate, up = self.w13.native(x)
+            return self.w2.native(F.silu(gate) * up)
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
         gate, up = lora.add(("gate", "up"), x, (gate, up))
         h = F.silu(gate) * up
@@ -152,6 +157,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, ctx, adapter):
+        # Attention and feed-forward may return their packed kernels' dtype: x + y widens it.
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx, adapter)
         return h + self.feed_forward(self.ffn_norm(h), adapter)
 

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from model.adapter import AdapterWeights, compute_adapter_kv
-from model.batch_adapters import BatchAdapters
-from model.kv_cache import PagedKVCache
-from model.loading import load_model
-from model.weight_modes import WEIGHT_CHOICES
+# This checkout's packages, not an installed copy (a script's own directory comes first on sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.adapter import AdapterWeights, compute_adapter_kv  # noqa: E402
+from model.batch_adapters import BatchAdapters  # noqa: E402
+from model.kv_cache import PagedKVCache  # noqa: E402
+from model.loading import load_model  # noqa: E402
+from model.weight_modes import WEIGHT_CHOICES  # noqa: E402
 
 _VIEWS = {"aten::view", "aten::transpose", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze",
           "aten::split", "aten::split_with_sizes", "aten::alias", "aten::expand", "aten::as_strided",

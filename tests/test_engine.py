@@ -456,3 +456,19 @@ def test_generate_cli_rejects_an_adapter_for_another_model(tiny_model_dir, tmp_p
     code = main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--adapter", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and "dim=32" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_only_modes_runs_a_b_e_in_every_weight_format(tiny_model_dir):
+    from server.bench import QUICK
+    from server.bench_modes import format_modes, measure_modes
+
+    report = measure_modes(str(tiny_model_dir), QUICK, peers=False)
+    rows = {r["weights"]: r for r in report["modes"]}
+    assert list(rows) == ["fp32", "bf16", "int8", "int4", "gguf"]
+    assert "not a .gguf file" in rows["gguf"]["skipped"]      # an HF directory has no 4-bit codes
+    for mode in ("fp32", "bf16", "int8", "int4"):
+        r = rows[mode]
+        assert r["batch1_decode_tok_s"] > 0 and r["adapters_tok_s"] > 0 and r["base_tok_s"] > 0
+        assert 0 < r["rss_loaded_mib"] <= r["rss_peak_mib"]
+    table = "\n".join(format_modes(report, 1))
+    assert table.count("\nint") == 2 and "gguf       skipped" in table and "llama.cpp batch-1 (skipped" in table
