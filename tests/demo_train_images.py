@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from adapters.format import load_adapter
@@ -88,6 +89,8 @@ def main() -> None:
     shape_ok = sum(t.split(" ")[-1] == r["shape"] for t, r in zip(tuned, rows)) / len(rows)
     for r, b, t in list(zip(rows, base, tuned))[:6]:
         print(f"  {r['output']!r:22} base {b[:40]!r:44} adapter {t!r}")
+    wrong = Counter(f"{r['output']} -> {t}" for t, r in zip(tuned, rows) if t != r["output"])
+    print("adapter's wrong answers:", dict(wrong.most_common()))
     print(json.dumps({"held_out_exact_match": {"base": base_em, "adapter": tuned_em},
                       "adapter_colour_right": colour_ok, "adapter_shape_right": shape_ok,
                       "test_examples": len(rows), "train_examples": args.train,

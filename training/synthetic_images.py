@@ -50,6 +50,11 @@ def held_out_pairs() -> set[tuple[str, str]]:
     return {(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(colours)}
 
 
+def jittered(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    """The fill of a `colour` shape: its RGB, each channel jittered by up to ±15."""
+    return tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLOURS[colour])
+
+
 def draw(colour: str, shape: str, cell: int, rng: random.Random, size: int = IMAGE_SIZE,
          fill: tuple[int, int, int] | None = None) -> Image.Image:
     grey = rng.randint(60, 200)
@@ -63,7 +68,7 @@ def draw(colour: str, shape: str, cell: int, rng: random.Random, size: int = IMA
     r = rng.uniform(0.22, 0.28) * size
     cx = size / 2 + (cell % GRID - 1) * 0.17 * size + rng.uniform(-2, 2)
     cy = size / 2 + (cell // GRID - 1) * 0.17 * size + rng.uniform(-2, 2)
-    fill = fill or tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLOURS[colour])
+    fill = fill or jittered(colour, rng)
     d = ImageDraw.Draw(image)
     if shape == "circle":
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -117,13 +122,16 @@ DEMO_FEATURE_LAYERS = (1, 2, 3)
 
 
 def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, batch: int = 32):
-    """A tiny CLIP ViT trained to name colour and shape (two linear heads on its multi-scale
-    global feature, dropped afterwards), standing in for a real CLIP, which knows colours and
-    shapes (a random tower does not separate shapes: held-out linear probe at chance).
+    """A tiny CLIP ViT trained to name colour and shape (linear heads on its multi-scale global
+    feature, dropped afterwards), standing in for a real CLIP, which knows colours and shapes (a
+    random tower does not separate shapes: held-out linear probe at chance).
 
-    It never sees a held-out pair: half of its images are training pairs (both labels), half are
-    shapes in random colours (shape label only), so shape cannot be learned as a side effect of
-    colour (in the training pairs each colour lacks one shape)."""
+    It never sees a held-out pair's name: half of its images are training pairs (colour and shape
+    names), half are shapes in random colours (shape name only), so shape cannot be learned as a
+    side effect of colour (in the training pairs each colour lacks one shape). Every image also
+    regresses its fill RGB, a colour target on every shape that names no pair: colour names alone
+    are supervised only where each colour lacks a shape, and the features then entangled colour
+    with shape (held-out probe colour 0.83 vs 0.95 with the RGB target, both at 2,000 steps)."""
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
 
@@ -133,25 +141,27 @@ def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, bat
     rng = random.Random(seed + 1)           # another stream than the task's images
     held = held_out_pairs()
     seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
-    images, colour, shape = [], [], []
+    images, colour, shape, rgb = [], [], [], []
     for i in range(n_images):
         if i % 2:
             c, s = seen[i // 2 % len(seen)]
-            images.append(draw(c, s, rng.randrange(GRID * GRID), rng))
+            fill = jittered(c, rng)
             colour.append(list(COLOURS).index(c))
         else:
             s = SHAPES[i // 2 % len(SHAPES)]
-            rgb = tuple(rng.randrange(256) for _ in range(3))
-            images.append(draw("red", s, rng.randrange(GRID * GRID), rng, fill=rgb))
-            colour.append(-100)             # no colour label: ignored by the loss
+            fill = tuple(rng.randrange(256) for _ in range(3))
+            colour.append(-100)             # no colour name: ignored by the loss
+        images.append(draw("red", s, rng.randrange(GRID * GRID), rng, fill=fill))
         shape.append(SHAPES.index(s))
+        rgb.append(fill)
     cfg = demo_encoder_config()
     pixels = preprocess(images, cfg)
     colour_t, shape_t = torch.tensor(colour), torch.tensor(shape)
+    rgb_t = torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1
     torch.manual_seed(seed)
     tower = VisionTower.random(cfg, seed).train().requires_grad_(True)
     width = len(DEMO_FEATURE_LAYERS) * cfg.hidden_size
-    heads = torch.nn.ModuleList([torch.nn.Linear(width, len(COLOURS)), torch.nn.Linear(width, len(SHAPES))])
+    heads = torch.nn.ModuleList([torch.nn.Linear(width, n) for n in (len(COLOURS), len(SHAPES), 3)])
     params = [*tower.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
@@ -160,7 +170,7 @@ def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, bat
         idx = torch.randint(0, n_images, (batch,), generator=g)
         f = tower.global_features(pixels[idx], DEMO_FEATURE_LAYERS)
         loss = (F.cross_entropy(heads[0](f), colour_t[idx], ignore_index=-100)
-                + F.cross_entropy(heads[1](f), shape_t[idx]))
+                + F.cross_entropy(heads[1](f), shape_t[idx]) + F.mse_loss(heads[2](f), rgb_t[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
