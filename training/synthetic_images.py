@@ -121,23 +121,14 @@ def demo_encoder_config():
 DEMO_FEATURE_LAYERS = (1, 2, 3)
 
 
-def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, batch: int = 32):
-    """A tiny CLIP ViT trained to name colour and shape (linear heads on its multi-scale global
-    feature, dropped afterwards), standing in for a real CLIP, which knows colours and shapes (a
-    random tower does not separate shapes: held-out linear probe at chance).
-
-    It never sees a held-out pair's name: half of its images are training pairs (colour and shape
-    names), half are shapes in random colours (shape name only), so shape cannot be learned as a
-    side effect of colour (in the training pairs each colour lacks one shape). Every image also
-    regresses its fill RGB, a colour target on every shape that names no pair: colour names alone
-    are supervised only where each colour lacks a shape, and the features then entangled colour
-    with shape (held-out probe colour 0.83 vs 0.95 with the RGB target, both at 2,000 steps)."""
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415
-
-    from model.image_preprocess import preprocess  # noqa: PLC0415
-    from model.vision import VisionTower  # noqa: PLC0415
-
+def pretraining_set(n_images: int, seed: int = 0) -> tuple[list[Image.Image], list[int], list[int], list[tuple]]:
+    """The demo encoder's images with their colour index (-100: no colour name), shape index and
+    fill RGB. It never names a held-out pair: half are training pairs (colour and shape names),
+    half are shapes in random colours (shape name only), so shape cannot be learned as a side
+    effect of colour (in the training pairs each colour lacks one shape). Every image also has its
+    fill RGB, a colour target on every shape that names no pair: with colour names alone,
+    supervised only where each colour lacks a shape, the features entangled colour with shape
+    (held-out probe colour 0.83 vs 0.95 with the RGB target, both at 2,000 steps)."""
     rng = random.Random(seed + 1)           # another stream than the task's images
     held = held_out_pairs()
     seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
@@ -154,6 +145,21 @@ def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, bat
         images.append(draw("red", s, rng.randrange(GRID * GRID), rng, fill=fill))
         shape.append(SHAPES.index(s))
         rgb.append(fill)
+    return images, colour, shape, rgb
+
+
+def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, batch: int = 32):
+    """A tiny CLIP ViT trained on `pretraining_set` to name colour and shape and to regress the
+    fill RGB (linear heads on its multi-scale global feature, dropped afterwards), standing in for
+    a real CLIP, which knows colours and shapes (a random tower does not separate shapes:
+    held-out linear probe at chance)."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from model.image_preprocess import preprocess  # noqa: PLC0415
+    from model.vision import VisionTower  # noqa: PLC0415
+
+    images, colour, shape, rgb = pretraining_set(n_images, seed)
     cfg = demo_encoder_config()
     pixels = preprocess(images, cfg)
     colour_t, shape_t = torch.tensor(colour), torch.tensor(shape)
