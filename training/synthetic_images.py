@@ -20,8 +20,9 @@ features, scored on the held-out pairs). Measured on a quiet 2-core machine, pro
 images: 250 steps over 1,200 images (10 s) colour 1.00, shape 0.15; 4,000 steps over 4,000 images
 (99 s) 0.83 / 0.90; the default, 8,000 steps over 4,000 images (3.6 min), 0.90 / 0.97 (loaded
 machine, one thread, 6 min: 0.92 / 0.93; probe on 960 training images 0.87 / 0.98, all 8 colour
-misses the held-out yellow cross read as orange, the nearest colour and one seen on crosses). Tried and dropped (loaded machine, probe on 960 training images): an extra head
-regressing every image's fill RGB (a colour target on every shape that names no pair) lifts the
+misses the held-out yellow cross read as orange, the nearest colour and one seen on crosses).
+Tried and dropped (loaded machine, probe on 960 training images): an extra head regressing
+every image's fill RGB (a colour target on every shape that names no pair) lifts the
 probe at 2,000 steps (colour 0.82 → 0.95, shape 0.87 both), but at 8,000 steps it read 0.87 / 0.90
 and the demo adapter 63 % (names only: 75 %); weighting it 5× or 20× costs shape (0.58, 0.28);
 RGB without colour names: colour 0.65. Naming the random-colour half's nearest palette colour
