@@ -13,13 +13,22 @@ memorise pictures.
 Also written: `encoder/`, a tiny CLIP ViT in HF layout (48 px images, 8 px patches, 3 layers,
 width 64) to pass as `--vision-model`. No small trained CLIP ships inside a Python package, and a
 seeded random tower does not separate shapes (a held-out linear probe reads colour ~0.9 but
-shape at chance), so the tower is first trained to name colour and shape, never on a
-held-out pair (`pretrain_encoder`), standing in for a CLIP that knows them. `--probe` reports a
-held-out linear probe of its features. Measured on a quiet 2-core machine (probe: ridge on the 240
-training images' features, scored on the held-out pairs): 250 steps over 1,200 images (10 s)
-colour 1.00, shape 0.15; 4,000 steps over 4,000 images (99 s) 0.83 / 0.90; the default, 8,000
-steps over 4,000 images (3.6 min), 0.90 / 0.97. Point `--vision-model` at a real CLIP
-(e.g. openai/clip-vit-large-patch14, the paper's) for real images.
+shape at chance), so the tower is first trained to name colour and shape, never naming a
+held-out pair (`pretraining_set`, `pretrain_encoder`), standing in for a CLIP that knows them.
+`--probe` reports a held-out linear probe of its features (ridge on the training images'
+features, scored on the held-out pairs). Measured on a quiet 2-core machine, probe on 240 training
+images: 250 steps over 1,200 images (10 s) colour 1.00, shape 0.15; 4,000 steps over 4,000 images
+(99 s) 0.83 / 0.90; the default, 8,000 steps over 4,000 images (3.6 min), 0.90 / 0.97 (loaded
+machine, one thread, 6 min: 0.92 / 0.93; probe on 960 training images 0.87 / 0.98, all 8 colour
+misses the held-out yellow cross read as orange, the nearest colour and one seen on crosses).
+Tried and dropped (loaded machine, probe on 960 training images): an extra head regressing
+every image's fill RGB (a colour target on every shape that names no pair) lifts the
+probe at 2,000 steps (colour 0.82 → 0.95, shape 0.87 both), but at 8,000 steps it read 0.87 / 0.90
+and the demo adapter 63 % (names only: 75 %); weighting it 5× or 20× costs shape (0.58, 0.28);
+RGB without colour names: colour 0.65. Naming the random-colour half's nearest palette colour
+(within 100 RGB units) where that pair is not held out: 2,000 steps 0.93 / 0.90, 8,000 steps
+0.88 / 0.95 (5 of 10 yellow crosses still orange). Point `--vision-model` at a real CLIP (e.g.
+openai/clip-vit-large-patch14, the paper's) for real images.
 
     python -m training.synthetic_images --out DIR [--train 240] [--test 60] [--seed 0]
 """
@@ -116,20 +125,11 @@ def demo_encoder_config():
 DEMO_FEATURE_LAYERS = (1, 2, 3)
 
 
-def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, batch: int = 32):
-    """A tiny CLIP ViT trained to name colour and shape (two linear heads on its multi-scale
-    global feature, dropped afterwards), standing in for a real CLIP, which knows colours and
-    shapes (a random tower does not separate shapes: held-out linear probe at chance).
-
-    It never sees a held-out pair: half of its images are training pairs (both labels), half are
-    shapes in random colours (shape label only), so shape cannot be learned as a side effect of
-    colour (in the training pairs each colour lacks one shape)."""
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415
-
-    from model.image_preprocess import preprocess  # noqa: PLC0415
-    from model.vision import VisionTower  # noqa: PLC0415
-
+def pretraining_set(n_images: int, seed: int = 0) -> tuple[list[Image.Image], list[int], list[int]]:
+    """The demo encoder's images with their colour index (-100: none) and shape index. It never
+    names a held-out pair: half are training pairs (both names), half are shapes in random RGB
+    colours (shape name only), so shape cannot be learned as a side effect of colour (in the
+    training pairs each colour lacks one shape)."""
     rng = random.Random(seed + 1)           # another stream than the task's images
     held = held_out_pairs()
     seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
@@ -143,8 +143,22 @@ def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, bat
             s = SHAPES[i // 2 % len(SHAPES)]
             rgb = tuple(rng.randrange(256) for _ in range(3))
             images.append(draw("red", s, rng.randrange(GRID * GRID), rng, fill=rgb))
-            colour.append(-100)             # no colour label: ignored by the loss
+            colour.append(-100)             # no colour name: ignored by the loss
         shape.append(SHAPES.index(s))
+    return images, colour, shape
+
+
+def pretrain_encoder(n_images: int = 4000, steps: int = 8000, seed: int = 0, batch: int = 32):
+    """A tiny CLIP ViT trained on `pretraining_set` to name colour and shape (two linear heads on
+    its multi-scale global feature, dropped afterwards), standing in for a real CLIP, which knows
+    colours and shapes (a random tower does not separate shapes: held-out linear probe at chance)."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from model.image_preprocess import preprocess  # noqa: PLC0415
+    from model.vision import VisionTower  # noqa: PLC0415
+
+    images, colour, shape = pretraining_set(n_images, seed)
     cfg = demo_encoder_config()
     pixels = preprocess(images, cfg)
     colour_t, shape_t = torch.tensor(colour), torch.tensor(shape)
