@@ -329,8 +329,8 @@ def run_to_completion(engine, requests) -> list:
 
 def serve_config(loaded, **overrides):
     """The engine settings `adapter-server serve` uses when given no flags."""
-    return EngineConfig(**{"max_batch": 64, "max_queue": 256,
-                           "max_seq_len": min(loaded.config.max_seq_len, 4096), **overrides})
+    return EngineConfig(**{"max_seq_len": min(loaded.config.max_seq_len, EngineConfig.DEFAULT_MAX_SEQ_LEN),
+                           **overrides})
 
 
 def concurrency_runs(loaded, registry, prompts, refs, sizes: BenchSizes) -> list[dict]:

@@ -148,7 +148,7 @@ def register(subparsers) -> None:
                         f"comma-separated keys; flags replace it [env {env_name('--api-key')}; default: unset]")
     _add(p, "--api-keys-file", None, "JSON or TOML file of hashed inference keys with tenants, adapter "
          "patterns, limits and tenant admin keys (docs/api-keys.md); re-read when it changes")
-    _add(p, "--max-batch", 64, "running sequences, i.e. rows per decode step (the KV cache's blocks "
+    _add(p, "--max-batch", EngineConfig.max_batch, "running sequences, i.e. rows per decode step (the KV cache's blocks "
          "bound them too)", type=_positive(int))
     _add(p, "--max-seq-len", None, "prompt + generated tokens per sequence", type=_positive(int),
          shown="the model's context, at most 4096")
@@ -164,7 +164,7 @@ def register(subparsers) -> None:
          "tokens per step (more throughput and lower TTFT in bursts of prompts) but spaces decode "
          "steps further apart while prompts wait; 512 for steadier decoding",
          type=_positive(int))
-    _add(p, "--max-queue", 256, "waiting requests beyond the batch; more get 503 + Retry-After",
+    _add(p, "--max-queue", EngineConfig.max_queue, "waiting requests beyond the batch; more get 503 + Retry-After",
          type=_positive(int))
     _add(p, "--device", None, "cpu or cuda", type=_one_of("cpu", "cuda"), metavar="{cpu,cuda}",
          shown="cuda when available")
