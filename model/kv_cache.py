@@ -139,31 +139,35 @@ class DecodeRows:
     Why: a 64-row decode step at context 320 on the default model spent as long gathering every
     row's blocks (a copy of the whole context, every step, every layer) as in attention itself:
     419 ms against 254 ms for the old slot cache's views (252 ms through these rows). Here a sequence's blocks are copied once, when
-    it joins the decode batch, and each step appends its new token; attention then reads rows
-    laid out like the old slot cache, [layer, row, token, kv head, dim].
+    it joins the decode batch, and each step appends its new token; attention then reads each
+    row's context in place.
 
     Rows are kept in place while their sequences keep decoding: a sequence that leaves frees its
     row, and the decode batch is ordered by row (`place`), so a departure moves at most one row.
-    Memory: the copies never take more than the pool's own size (`PagedKVCache.nbytes`), so the
-    cache's resident memory stays within twice its budget; a batch whose copies would not fit
-    reads by gathering instead (`place` returns None).
+    Memory: one buffer each for keys and values, reserved once at the most the copies may take
+    (the pool's own size between them, `PagedKVCache.nbytes`, so the cache's resident memory
+    stays within twice its budget; a batch whose copies would not fit reads by gathering
+    instead: `place` returns None) and zeroed only as far as rows are used. Rows are laid out
+    row-major, [row, layer, width, kv head, dim], so a batch that grows keeps its rows where they
+    are: reallocating and refilling every row at each growth (rows 5 → 32 over a burst of
+    400-token prompts) had cost 1.1–1.7 s a step, against 9 ms to fill one row. Only a wider
+    context (in steps of a quarter) lays the rows out again.
     """
 
-    ROW_ALIGN, WIDTH_ALIGN = 8, 64      # capacity steps (rows, tokens): few reallocations
+    WIDTH_ALIGN = 64
 
     def __init__(self, cache: PagedKVCache):
         self.cache = cache
-        self.k: torch.Tensor | None = None      # [layer, rows, width, kv head, head dim]
-        self.v: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None      # [row, layer, width, kv head, head dim] views of
+        self.v: torch.Tensor | None = None      # the buffers, as many rows as fit
+        self.width = 0
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._zeroed = 0        # leading elements of each buffer zeroed (or since written)
         # Per row: (sequence, its block-table list, tokens held) or None. A sequence that was
         # preempted comes back with a new block-table list, so `is` tells a stale row apart.
         self.owners: list[tuple[object, list[int], int] | None] = []
         self._write_index: torch.Tensor | None = None      # set by place(), per decode forward
         self.active = False
-
-    def release(self) -> None:
-        self.k = self.v = None
-        self.owners = []
 
     def place(self, seqs: list, tables: list[list[int]], lengths: list[int]) -> list[int] | None:
         """Make rows 0..B-1 hold the sequences' first `lengths` tokens (copied from their
@@ -171,20 +175,17 @@ class DecodeRows:
         seqs[order[r]], the order in which the decode forward must take them. None when the
         copies would not fit (the caller gathers instead)."""
         b = len(seqs)
-        rows = _round_up(b, self.ROW_ALIGN)
-        width = _round_up(max(lengths) + 1, self.WIDTH_ALIGN)
-        if self.k is None or rows > self.k.shape[1] or width > self.k.shape[2]:
-            if self.k is not None:      # grow by at least a quarter: context grows every step
-                rows = max(rows, self.k.shape[1])
-                width = max(width, _round_up(self.k.shape[2] * 5 // 4, self.WIDTH_ALIGN))
-            self.release()
-            c = self.cache
-            shape = (c.k.shape[0], rows, width, *c.k.shape[2:])
-            if 2 * c.k.element_size() * torch.Size(shape).numel() > c.nbytes():
+        need = _round_up(max(lengths) + 1, self.WIDTH_ALIGN)
+        if need > self.width:       # grow by at least a quarter: context grows every step
+            wider = max(need, _round_up(self.width * 5 // 4, self.WIDTH_ALIGN))
+            width = next((w for w in (wider, need) if self._row_count(w) >= b), None)
+            if width is None:
                 return None
-            # Zeros: a row's positions past its own are read (masked) and must be finite.
-            self.k, self.v = torch.zeros(shape, dtype=c.k.dtype), torch.zeros(shape, dtype=c.k.dtype)
-            self.owners = [None] * rows
+            self._lay_out(width)
+        elif self._row_count(self.width) < b:
+            return None
+        row_elems = self.k[0].numel()
+        self._zero_to(b * row_elems)
         held = {id(o[0]): r for r, o in enumerate(self.owners) if o is not None}
         kept: dict[int, int] = {}       # batch index → row already holding it
         for i, (seq, table, n) in enumerate(zip(seqs, tables, lengths)):
@@ -209,12 +210,40 @@ class DecodeRows:
                 order[dst] = i
         for r, i in enumerate(order):   # the forward writes each row's token at its length
             self.owners[r] = (seqs[i], tables[i], lengths[i] + 1)
-        self._write_index = torch.tensor([r * self.k.shape[2] + lengths[i] for r, i in enumerate(order)])
+        # Token slot of each row's new token in layer 0 (a layer adds `width` slots).
+        slots_per_row = self.k.shape[1] * self.width
+        self._write_index = torch.tensor([r * slots_per_row + lengths[i] for r, i in enumerate(order)])
         return order
 
+    def _row_count(self, width: int) -> int:
+        """Rows of this width the buffers hold."""
+        c = self.cache
+        per_buffer = c.nbytes() // (2 * c.k.element_size())
+        return per_buffer // (c.k.shape[0] * width * c.k.shape[2] * c.k.shape[3])
+
+    def _lay_out(self, width: int) -> None:
+        """View the buffers with rows of `width` tokens (every row is copied again)."""
+        c = self.cache
+        if self._buffers is None:       # reserved, untouched: pages become resident as zeroed
+            n = c.nbytes() // (2 * c.k.element_size())
+            self._buffers = (torch.empty(n, dtype=c.k.dtype), torch.empty(n, dtype=c.k.dtype))
+        rows = self._row_count(width)
+        shape = (rows, c.k.shape[0], width, *c.k.shape[2:])
+        self.k, self.v = (buf[:torch.Size(shape).numel()].view(shape) for buf in self._buffers)
+        self.width = width
+        self.owners = [None] * rows
+
+    def _zero_to(self, n: int) -> None:
+        # A row's positions past its own length are read (masked) and must be finite; memory
+        # zeroed once stays finite under any later layout (it only ever receives keys/values).
+        if n > self._zeroed:
+            for buf in self._buffers:
+                buf[self._zeroed:n].zero_()
+            self._zeroed = n
+
     def _move(self, src: int, dst: int, n: int) -> None:
-        self.k[:, dst, :n] = self.k[:, src, :n]
-        self.v[:, dst, :n] = self.v[:, src, :n]
+        self.k[dst, :, :n] = self.k[src, :, :n]
+        self.v[dst, :, :n] = self.v[src, :, :n]
 
     def _fill(self, row: int, table: list[int], n: int) -> None:
         c = self.cache
@@ -224,17 +253,17 @@ class DecodeRows:
         index = torch.tensor(table[:nb])
         for pool, copy in ((c.k, self.k), (c.v, self.v)):
             blocks = pool.view(pool.shape[0], c.n_blocks + 1, -1).index_select(1, index)
-            copy[:, row, :nb * c.block_size] = blocks.view(pool.shape[0], nb * c.block_size, *pool.shape[2:])
+            copy[row, :, :nb * c.block_size] = blocks.view(pool.shape[0], nb * c.block_size, *pool.shape[2:])
 
     def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                        read_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each row's token k/v [B, Hkv, 1, D] → its keys/values [B, Hkv, read_len, D]."""
         b, hkv, _, d = k.shape
+        index = self._write_index + layer * self.width
         out = []
-        for new, copy in ((k, self.k), (v, self.v)):
-            rows = copy[layer]
-            rows.view(-1, hkv, d).index_copy_(0, self._write_index, new.reshape(b, hkv, d))
-            out.append(rows[:b, :read_len].transpose(1, 2))
+        for new, buf, rows in ((k, self._buffers[0], self.k), (v, self._buffers[1], self.v)):
+            buf.view(-1, hkv, d).index_copy_(0, index, new.reshape(b, hkv, d))
+            out.append(rows[:b, layer, :read_len].transpose(1, 2))
         return out[0], out[1]
 
 
