@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from model.cpu_memory import keep_freed_memory
+
 # Modules exposing `register(subparsers)`; each subparser sets `func(args) -> int | None`.
 SUBCOMMAND_MODULES = (
     "model.cli",        # generate, fetch-default
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(func, args: argparse.Namespace) -> int:
     """Run a subcommand with logging set up and user-facing errors as one line (exit 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()     # before any tensor: every subcommand runs forwards on CPU
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
