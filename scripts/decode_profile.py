@@ -73,7 +73,7 @@ def main() -> None:
     for rows, adapted in ((1, False), (32, False), (32, True)):
         width = -(-(ctx + 1) // bs)
         cache = PagedKVCache.for_model(model, rows * width + 1, bs)
-        cache.prepare(rows * width)
+        cache.prepare(range(rows * width + 1))
         tables = torch.arange(rows * width).view(rows, width)
         batch = BatchAdapters.build([((kvs[i % 16], 1.0),) for i in range(rows)], cfg.n_layers) if adapted else None
         tokens, positions = torch.randint(0, 1000, (rows, 1), generator=g), torch.full((rows, 1), ctx)

@@ -89,7 +89,7 @@ class ModelRunner:
         tables[:b, :width] = torch.tensor([s.block_table[:width] + [scratch] * (width - len(s.block_table[:width]))
                                            for s in rows])
         tables[:b, width:] = scratch       # a CUDA graph reads its bucket's whole width
-        self.cache.prepare(max(max(s.block_table) for s in rows))
+        self.cache.prepare(b for s in rows for b in s.block_table)
         batch = self._decode_adapters(adapters)
         if self.graphs is not None:
             try:
@@ -141,7 +141,7 @@ class ModelRunner:
         n_table = -(-(max(p[-1] for p in positions) + 1) // bs)
         tables = [s.block_table[:n_table] + [scratch] * (n_table - len(s.block_table[:n_table]))
                   for s, _ in chunks]
-        self.cache.prepare(max(max(s.block_table) for s, _ in chunks))
+        self.cache.prepare(b for s, _ in chunks for b in s.block_table)
         dev = self.device
         pos_t = torch.tensor(positions, device=dev)
         hidden = self.model.run_layers(

@@ -268,12 +268,33 @@ def _gathered(cache, table, n):
     return cache.k[:, slots], cache.v[:, slots]
 
 
+def test_the_cache_zeroes_each_block_once_when_a_step_first_uses_it():
+    from model.kv_cache import PagedKVCache
+
+    cache = PagedKVCache(n_layers=2, n_blocks=10, n_kv_heads=2, head_dim=4, block_size=4)
+    for pool in (cache.k, cache.v):
+        pool[:, :40].fill_(float("nan"))       # what never-used memory may hold
+
+    def block(pool, b):
+        return pool[:, b * 4:(b + 1) * 4]
+
+    cache.prepare([5, 2, 3, 3])
+    for pool in (cache.k, cache.v):
+        assert all(bool((block(pool, b) == 0).all()) for b in (2, 3, 5))
+        assert all(bool(block(pool, b).isnan().all()) for b in (0, 1, 4, 6, 9))   # only the blocks used
+        block(pool, 3).fill_(7.0)                   # a step writes block 3
+    cache.prepare(iter([3, 4, 10]))                 # 10: the scratch block, zeroed from the start
+    for pool in (cache.k, cache.v):
+        assert bool((block(pool, 3) == 7).all())    # written blocks are never zeroed again
+        assert bool((block(pool, 4) == 0).all()) and bool((block(pool, 10) == 0).all())
+
+
 def test_decode_rows_hold_each_running_sequence_through_joins_departures_and_preemption():
     from model.kv_cache import PagedKVCache
 
     torch.manual_seed(0)
     cache = PagedKVCache(n_layers=2, n_blocks=200, n_kv_heads=2, head_dim=4, block_size=4)
-    cache.prepare(199)
+    cache.prepare(range(200))
     cache.k.normal_()
     cache.v.normal_()
     rows = cache.decode_rows

@@ -34,7 +34,7 @@ def _prefill(model, read_len):
     choose (the first-chunk path); a given read_len forces the general cached path."""
     tokens, positions, tables, adapters = _chunk(model)
     cache = PagedKVCache.for_model(model, 9, 16)
-    cache.prepare(8)
+    cache.prepare(range(9))
     with torch.inference_mode():
         hidden = model.run_layers(model.tok_embeddings(tokens), positions, cache, tables, adapters,
                                   read_len=read_len)
