@@ -89,7 +89,9 @@ class ModelRunner:
         tables[:b, :width] = torch.tensor([s.block_table[:width] + [scratch] * (width - len(s.block_table[:width]))
                                            for s in rows])
         tables[:b, width:] = scratch       # a CUDA graph reads its bucket's whole width
-        self.cache.prepare(b for s in rows for b in s.block_table)
+        # Only a row's last block can be new to the cache: the others were its prompt's (prepared
+        # by the prefill) or were the last block of an earlier step.
+        self.cache.prepare(s.block_table[-1] for s in rows)
         batch = self._decode_adapters(adapters)
         if self.graphs is not None:
             try:

@@ -2,7 +2,7 @@
 (llama-adapter-visual) with the default settings on the default model for the synthetic
 colour-and-shape task, then compare held-out exact match, base vs adapter.
 
-    PYTHONPATH=. .venv/bin/python tests/demo_train_images.py [--workdir DIR] [-- extra train flags]
+    PYTHONPATH=. .venv/bin/python tests/demo_train_images.py [--workdir DIR] [--seed N] [-- extra train flags]
 
 The data and its encoder come from `python -m training.synthetic_images`, the training step is the
 documented one-liner (`python -m training --method llama-adapter-visual --vision-model ...`).
@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, help="keep data, encoder, adapter, loss curve here (default: a temp dir)")
     p.add_argument("--train", type=int, default=960)
     p.add_argument("--test", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the encoder and the training run")
     p.add_argument("train_flags", nargs="*", help="extra flags for the training command (after --)")
     args = p.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="demo-images-"))
@@ -57,11 +58,12 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (work / "encoder" / "config.json").is_file():   # a workdir from an earlier run keeps its data
         subprocess.run([sys.executable, "-m", "training.synthetic_images", "--out", str(work), "--probe",
-                        "--train", str(args.train), "--test", str(args.test)], check=True, cwd=REPO)
+                        "--train", str(args.train), "--test", str(args.test), "--seed", str(args.seed)],
+                       check=True, cwd=REPO)
     data_seconds = time.perf_counter() - t0
     cmd = [sys.executable, "-m", "training", "--data", str(work / "train.jsonl"), "--method",
            "llama-adapter-visual", "--vision-model", str(work / "encoder"),
-           "--out", str(work / "adapter.safetensors"), *args.train_flags]
+           "--out", str(work / "adapter.safetensors"), "--seed", str(args.seed), *args.train_flags]
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
