@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(func, args: argparse.Namespace) -> int:
     """Run a subcommand with logging set up and user-facing errors as one line (exit 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: thousands of lines from the bench's HTTP rows.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     keep_freed_memory()     # before any tensor: every subcommand runs forwards on CPU
     try:
         return int(func(args) or 0)
