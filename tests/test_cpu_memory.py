@@ -13,7 +13,9 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 
-# A forward of 1,024 tokens through a model of the default's width, on a thread as the engine's is.
+# A forward of 512 tokens through a model of the default's width, on a thread as the engine's is.
+# Every activation stays under glibc's 32 MiB cap (at 1,024 tokens SDPA's 9 × 1,024² float32
+# scores, 37.7 MB, are mmap'd afresh by either setting: 9,220 faults a run).
 PROBE = """
 import resource, sys, threading
 import torch
@@ -22,7 +24,7 @@ if sys.argv[1] == "on":
     assert keep_freed_memory()
 from conftest import random_tiny_model
 model = random_tiny_model(dim=576, n_heads=9, n_kv_heads=3, ffn_dim=1536, n_layers=4, max_seq_len=2048)
-tokens = torch.randint(0, 300, (1, 1024))
+tokens = torch.randint(0, 300, (1, 512))
 faults = []
 def forwards():
     with torch.inference_mode():
