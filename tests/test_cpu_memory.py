@@ -15,8 +15,8 @@ TESTS = Path(__file__).resolve().parent
 
 # A forward of 512 tokens through a model of the default's width, on a thread as the engine's is.
 # Measured on a thread with the setting on: 0 faults at 512 tokens, 384 at 2,048, but 9,221 at
-# 1,024 (~12 MB a forward mapped afresh: a size where the live activations straddle the 64 MiB
-# heaps of glibc's per-thread arenas), so the probe stays at 512.
+# 1,024 (~12 MB a forward still mapped afresh at that size, 0 there on the main thread: glibc's
+# per-thread arena), so the probe stays at 512.
 PROBE = """
 import resource, sys, threading
 import torch
