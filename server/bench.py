@@ -4,9 +4,9 @@
 model; (c) transformers + PEFT adaption_prompt, one batch per adapter (`set_adapter`, the best
 batching PEFT allows); (d) transformers, all N requests as one homogeneous base-model batch;
 (e) batch-1 decode (engine, transformers, and llama.cpp on the model's GGUF with the same threads
-when `llama-cpp-python` is installed; it is not in the dev extras: PyPI has no wheel of it, its
-source build took 45 minutes on the 2-core sandbox, and the prebuilt alternatives failed here:
-llama-cpp-py-sync needs glibc 2.38, llama-cpp-cffi pins transformers < 5); (f) rooflines from a copy bandwidth and a matmul
+when `llama-cpp-python` is importable; it is not in the dev extras: PyPI has no wheel of it, and
+the prebuilt alternatives failed here: llama-cpp-py-sync needs glibc 2.38, llama-cpp-cffi pins
+transformers < 5; `scripts/llama-cpp-peer.sh` builds the library alone, ~5 minutes on 2 cores); (f) rooflines from a copy bandwidth and a matmul
 rate measured in this run; (g) time to first token under the load of (a); (h) the requests of
 (b), each constrained by a JSON schema (structured output: a grammar mask per row per step);
 (i)–(l) the adapter family: LoRA rows, transformers + PEFT LoRA, a mixed batch, cold loads
