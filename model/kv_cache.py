@@ -22,6 +22,7 @@ reads its context in place instead of gathering every block again (see DecodeRow
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -162,7 +163,9 @@ class DecodeRows:
     WIDTH_ALIGN = 64
 
     def __init__(self, cache: PagedKVCache):
-        self.cache = cache
+        # A proxy, not a reference: the cache owns these rows, and a cycle between the two would
+        # keep both (gigabytes) alive after their engine is gone, until the next gc pass.
+        self.cache = weakref.proxy(cache)
         self.k: torch.Tensor | None = None      # [row, layer, width, kv head, head dim] views of
         self.v: torch.Tensor | None = None      # the buffers, as many rows as fit
         self.width = 0

@@ -253,10 +253,16 @@ class Engine:
             loop = None
         prompt = list(request.prompt_ids)
         seq = Sequence(prompt, len(prompt))
-        # A weak reference: the handle must not keep its finished sequence (and so itself,
-        # through seq.payload.handle) alive in a cycle only the garbage collector can break.
-        seq_ref = weakref.ref(seq)
-        handle = RequestHandle(request, lambda: (s := seq_ref()) is not None and self._request_cancel(s), loop)
+        # Weak references: the handle must not keep its finished sequence (and so itself,
+        # through seq.payload.handle) nor the engine alive in a cycle only the garbage collector
+        # can break (the cache's decode rows keep their last sequences, and the engine the cache).
+        seq_ref, engine_ref = weakref.ref(seq), weakref.ref(self)
+
+        def cancel() -> None:
+            s, engine = seq_ref(), engine_ref()
+            if s is not None and engine is not None:
+                engine._request_cancel(s)
+        handle = RequestHandle(request, cancel, loop)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         grammar = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         user_stop_ids = frozenset(params.stop_token_ids)

@@ -6,6 +6,7 @@ import ctypes
 import gc
 import random
 import resource
+import weakref
 
 import pytest
 import torch
@@ -266,6 +267,19 @@ def _gathered(cache, table, n):
     """A sequence's first n keys/values read through its block table: [layers, n, kv head, dim]."""
     slots = torch.tensor([table[p // cache.block_size] * cache.block_size + p % cache.block_size for p in range(n)])
     return cache.k[:, slots], cache.v[:, slots]
+
+
+def test_an_engine_s_kv_cache_is_freed_with_it_not_at_the_next_garbage_collection(loaded, registry):
+    engine = Engine(loaded, registry, EngineConfig(max_batch=4, max_tokens_per_step=64, max_seq_len=128))
+    run_until_done(engine, [engine.submit(GenerationRequest(prompt_of(loaded, 20, 0), greedy(3)))])
+    engine.shutdown(graceful=False)
+    cache = weakref.ref(engine.cache)
+    gc.disable()            # a reference cycle would keep it (the pool, gigabytes in serving) alive here
+    try:
+        del engine
+        assert cache() is None
+    finally:
+        gc.enable()
 
 
 def test_the_cache_zeroes_each_block_once_when_a_step_first_uses_it():
