@@ -274,6 +274,16 @@ class DecodeRows:
             out.append(rows[:b, layer, :read_len].transpose(1, 2))
         return out[0], out[1]
 
+    def attend(self, kernels, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               pool_slots: torch.Tensor, lengths: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused decode kernel (model/native_ops.py) for one layer: each row's packed q/k/v
+        [B, (H + 2·Hkv)·D] rotated, its k/v appended here and stored in the pool at pool_slots,
+        and its attention over its own `lengths` tokens → (output [B, H, D], rotated q [B, H, D])."""
+        c = self.cache
+        return kernels.decode_attention(qkv, cos, sin, self._buffers[0], self._buffers[1], self._write_index,
+                                        layer * self.width, lengths, c.k[layer], c.v[layer], pool_slots,
+                                        n_heads, c.k.shape[2])
+
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step

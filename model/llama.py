@@ -7,11 +7,13 @@ block tables and optional per-sequence adapter inputs. Parameter names follow Me
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native_ops
 from .adapter import AdapterBatch, adapter_attention
 from .batch_adapters import BatchAdapters, LayerAdapters
 from .config import ModelConfig
@@ -30,8 +32,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels: ModuleType | None = None      # model/native_ops.py, once packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:        # one pass, not F.rms_norm's seven kernels
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -46,6 +51,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.wqkv: PackedLinear | None = None    # replaces wq/wk/wv once packed for CPU inference
         self.fused_adapter_attention = False     # model/adapter.py adapter_attention(fused=…)
+        self.kernels: ModuleType | None = None   # model/native_ops.py, once packed
 
     def pack(self, linear: "PackLinear") -> None:
         self.wqkv = linear("wq", "wk", "wv")
@@ -86,8 +92,15 @@ class Attention(nn.Module):
                 adapter: LayerAdapters | None) -> torch.Tensor:
         b, t, _ = x.shape
         lora = adapter.lora if adapter is not None else None
-        q, k, v = self.rotated_qkv(x, cos, sin, lora)
         prefix = adapter.prefix if adapter is not None else None
+        if ctx.rope_rows is not None and self.kernels is not None and lora is None and prefix is None:
+            # One token per row, read from the decode rows: RoPE, both KV writes and attention
+            # in one kernel (a batch-1 step of the default model: ~11 kernels a layer fewer).
+            out, q = ctx.cache.decode_rows.attend(self.kernels, self.layer_idx, self.wqkv.product(x).reshape(b, -1),
+                                                  *ctx.rope_rows, ctx.write_slots, ctx.lengths, self.n_heads)
+            return self._output(out.view(b, self.n_heads, 1, self.head_dim), q.view(b, self.n_heads, 1, self.head_dim),
+                                adapter, lora)
+        q, k, v = self.rotated_qkv(x, cos, sin, lora)
         if ctx.own_keys_only:       # a first prompt chunk: its own keys are all it reads
             ctx.cache.write(self.layer_idx, ctx.write_slots, k, v)
             # In the dtype wo rounds its input to anyway (q/k/v come out of wqkv in it): SDPA's
@@ -110,6 +123,13 @@ class Attention(nn.Module):
             folded = q.reshape(b, self.n_kv_heads, -1, self.head_dim)
             out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=ctx.mask)
             out = out.view(b, self.n_heads, t, self.head_dim)
+        return self._output(out, q, adapter, lora)
+
+    def _output(self, out: torch.Tensor, q: torch.Tensor, adapter: LayerAdapters | None,
+                lora: LoraLayer | None) -> torch.Tensor:
+        """Attention output [B, H, T, D] (rotated queries q alike) → the layer's output, with
+        the gated adapter branches and wo."""
+        b, _, t, _ = out.shape
         for gated in adapter.gated if adapter is not None else ():
             out = out + adapter_attention(q, gated, self.fused_adapter_attention)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
@@ -126,6 +146,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)   # down
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)   # up
         self.w13: PackedLinear | None = None     # replaces w1/w3 once packed for CPU inference
+        self.kernels: ModuleType | None = None   # model/native_ops.py, once packed
 
     def pack(self, linear: "PackLinear") -> None:
         self.w13 = linear("w1", "w3")
@@ -140,6 +161,8 @@ class FeedForward(nn.Module):
             # Packed: gate/up stay in the kernel's dtype (bf16), as silu(gate)·up is w2's input,
             # rounded to it anyway: no float32 round trip of [T, 2·ffn_dim]; w2's output too (the
             # caller's residual add widens it to float32 exactly).
+            if self.kernels is not None:    # silu(gate)·up in one pass, rounded once
+                return self.w2.native(self.kernels.silu_mul(self.w13.product(x), self.w13.split_sizes[0]))
             gate, up = self.w13.native(x)
             return self.w2.native(F.silu(gate) * up)
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
@@ -167,11 +190,17 @@ class _StepContext:
 
     def __init__(self, cache: PagedKVCache | None, block_tables: torch.Tensor | None,
                  positions: torch.Tensor, heads_per_kv: int, read_len: int | None,
-                 adapters: BatchAdapters | None, dtype: torch.dtype):
+                 adapters: BatchAdapters | None, dtype: torch.dtype, cos: torch.Tensor, sin: torch.Tensor):
         self.cache = cache
         self.write_slots = self.read_blocks = self.mask = None
         self.read_len = 0
         self.own_keys_only = False
+        # A decode step over the cache's decode rows: what the fused kernel takes (Attention).
+        self.rope_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.lengths: torch.Tensor | None = None
+        if cache is not None and cache.decode_rows.active and positions.shape[1] == 1:
+            b = positions.shape[0]
+            self.rope_rows, self.lengths = (cos.reshape(b, -1), sin.reshape(b, -1)), positions.reshape(-1) + 1
         prefix = adapters.prefix if adapters is not None else None
         if cache is not None:
             if block_tables is None:
@@ -226,8 +255,8 @@ class Transformer(nn.Module):
     def packed(self) -> bool:
         return isinstance(self.output, PackedLinear)
 
-    def pack_for_cpu_inference(self, mode: str = "fp32",
-                               quantized: dict[str, Int4Weight] | None = None) -> bool:
+    def pack_for_cpu_inference(self, mode: str = "fp32", quantized: dict[str, Int4Weight] | None = None,
+                               fused_kernels: bool = True) -> bool:
         """Swap every linear layer for its packed form in weight mode `mode`
         (model/packed_linear.py); the loader does this once, for inference (model/loading.py).
 
@@ -237,6 +266,9 @@ class Transformer(nn.Module):
         copies replace them, so memory does not double; a tied head costs one extra copy, the
         embedding stays dense float32). Returns whether the model is packed; a model that cannot
         be (not float32 on a oneDNN CPU) is left as it is.
+
+        `fused_kernels`: in every mode but fp32 (the reference arithmetic), run RMSNorm,
+        silu·up and the decode rows' attention through model/native_ops.py where it builds.
         """
         if self.packed:
             raise ValueError("this model is already packed")
@@ -250,7 +282,11 @@ class Transformer(nn.Module):
                 return pack_linear([quantized.get(n) or self.get_parameter(n) for n in full], mode)
             return linear
 
+        kernels = native_ops.load() if fused_kernels and mode != "fp32" else None
+        self.norm.kernels = kernels
         for i, layer in enumerate(self.layers):
+            layer.attention_norm.kernels = layer.ffn_norm.kernels = kernels
+            layer.attention.kernels = layer.feed_forward.kernels = kernels
             layer.attention.pack(packer(f"layers.{i}.attention"))
             # fp32 stays the reference arithmetic; the other modes already round far more.
             layer.attention.fused_adapter_attention = mode != "fp32"
@@ -299,14 +335,14 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=x.device).expand(b, t)
         adapters = BatchAdapters.of(adapters)
         dtype = self.tok_embeddings.weight.dtype
-        ctx = _StepContext(cache, block_tables, positions,
-                           self.config.n_heads // self.config.n_kv_heads, read_len, adapters, dtype)
         shift = adapters.position_offsets if adapters is not None else None
         # A shifted row's padding positions may run past the table (real ones never do: the engine
         # refuses requests whose prefix + length exceed it); padding outputs are discarded.
         rope_pos = positions if shift is None else (positions + shift[:, None]).clamp(max=self.rope_cos.shape[0] - 1)
         cos = self.rope_cos[rope_pos].to(dtype).unsqueeze(1)    # [B, 1, T, D]
         sin = self.rope_sin[rope_pos].to(dtype).unsqueeze(1)
+        ctx = _StepContext(cache, block_tables, positions, self.config.n_heads // self.config.n_kv_heads,
+                           read_len, adapters, dtype, cos, sin)
         for i in layers if layers is not None else range(len(self.layers)):
             x = self.layers[i](x, cos, sin, ctx, adapters.layer(i) if adapters is not None else None)
         return x

@@ -17,3 +17,6 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     echo "$want" > "$stamp"
 fi
 .venv/bin/adapter-server fetch-default
+# The fused CPU kernels of the bf16/int8/int4 formats, compiled once here rather than at the
+# first serve (about 30 s; without a C++ compiler the formats run on plain torch ops).
+.venv/bin/python -c "from model import native_ops; native_ops.load()"

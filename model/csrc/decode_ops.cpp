@@ -1,0 +1,201 @@
+// Fused CPU kernels for the packed (bf16/int8/int4/gguf) weight modes, where a decode step's
+// matmuls are small enough that the many little elementwise kernels around them, each a dispatch
+// and a pass over memory, cost as much as the matmuls do. Built on first use by
+// model/native_ops.py (torch.utils.cpp_extension); the model falls back to plain torch ops when
+// it cannot be built. fp32 mode never uses these: it stays the reference arithmetic.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+// y = x / sqrt(mean(x²) + eps) · w, one row at a time (float accumulation).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "rms_norm: float32 tensors");
+    auto xc = x.contiguous();
+    const int64_t d = xc.size(-1), rows = xc.numel() / d;
+    TORCH_CHECK(w.numel() == d, "rms_norm: weight size ", w.numel(), " for rows of ", d);
+    auto out = torch::empty_like(xc);
+    const float* xp = xc.data_ptr<float>();
+    const float* wp = w.contiguous().data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const float* xr = xp + r * d;
+            float* yr = op + r * d;
+            float ss = 0.f;
+            for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+            const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+            for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] * inv * wp[i];
+        }
+    });
+    return out;
+}
+
+// silu(gate) · up on [rows, 2F] = [gate | up] → [rows, F], in the input's dtype, rounded once.
+template <typename T>
+void silu_mul_rows(const T* in, int64_t in_stride, T* out, int64_t rows, int64_t f) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const T* g = in + r * in_stride;
+            const T* u = g + f;
+            T* y = out + r * f;
+            for (int64_t i = 0; i < f; ++i) {
+                const float gv = to_float(g[i]);
+                y[i] = static_cast<T>(gv / (1.f + std::exp(-gv)) * to_float(u[i]));
+            }
+        }
+    });
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gate_up, int64_t f) {
+    TORCH_CHECK(gate_up.size(-1) >= 2 * f && gate_up.stride(-1) == 1, "silu_mul: [rows, ≥2F] with unit stride");
+    auto g2 = gate_up.reshape({-1, gate_up.size(-1)});
+    const int64_t rows = g2.size(0);
+    auto sizes = gate_up.sizes().vec();
+    sizes.back() = f;
+    auto out = torch::empty(sizes, gate_up.options());
+    if (gate_up.scalar_type() == torch::kBFloat16) {
+        silu_mul_rows(g2.data_ptr<bf16>(), g2.stride(0), out.data_ptr<bf16>(), rows, f);
+    } else {
+        TORCH_CHECK(gate_up.scalar_type() == torch::kFloat, "silu_mul: bfloat16 or float32");
+        silu_mul_rows(g2.data_ptr<float>(), g2.stride(0), out.data_ptr<float>(), rows, f);
+    }
+    return out;
+}
+
+// One decode token per row, the rows' keys/values held contiguously (model/kv_cache.py
+// DecodeRows): RoPE on q and k, the new k/v appended to the row and stored in the paged pool,
+// attention over the row's own tokens.
+// - qkv [B, (H + 2·Hkv)·D], bfloat16 or float32, rows may be strided;
+// - cos/sin [B, D] at each row's position (half-split layout, signed sine);
+// - k_rows/v_rows: float32 buffers of [Hkv, D] slots; row r's new token goes to slot
+//   row_slots[r] + row_offset, and its keys are the lengths[r] slots ending there;
+// - k_pool/v_pool: this layer's float32 [slots, Hkv, D] of the paged cache, written at pool_slots.
+// → (attention output [B, H, D], rotated q [B, H, D]), float32.
+template <typename T>
+void decode_attention_impl(const T* qkv, int64_t qkv_stride, const float* cos, const float* sin,
+                           float* k_rows, float* v_rows, const int64_t* slots, const int64_t* lengths,
+                           float* k_pool, float* v_pool, const int64_t* pool_slots,
+                           float* out, float* q_out, int64_t b, int64_t h, int64_t hkv, int64_t d) {
+    const int64_t half = d / 2, group = h / hkv;
+    const float scale = 1.f / std::sqrt(static_cast<float>(d));
+    // RoPE and the append, per row (cheap: one token).
+    for (int64_t r = 0; r < b; ++r) {
+        const T* src = qkv + r * qkv_stride;
+        const float* c = cos + r * d;
+        const float* s = sin + r * d;
+        float* kdst = k_rows + slots[r] * hkv * d;
+        float* vdst = v_rows + slots[r] * hkv * d;
+        for (int64_t head = 0; head < h + hkv; ++head) {
+            const T* x = src + head * d;
+            float* y = head < h ? q_out + (r * h + head) * d : kdst + (head - h) * d;
+            for (int64_t i = 0; i < d; ++i) {
+                const float rolled = to_float(x[i < half ? i + half : i - half]);
+                y[i] = to_float(x[i]) * c[i] + rolled * s[i];
+            }
+        }
+        const T* v = src + (h + hkv) * d;
+        for (int64_t i = 0; i < hkv * d; ++i) vdst[i] = to_float(v[i]);
+        std::copy(kdst, kdst + hkv * d, k_pool + pool_slots[r] * hkv * d);
+        std::copy(vdst, vdst + hkv * d, v_pool + pool_slots[r] * hkv * d);
+    }
+    // Attention: one task per (row, kv head), its query heads together so each key is read once.
+    int64_t longest = 0;
+    for (int64_t r = 0; r < b; ++r) longest = std::max(longest, lengths[r]);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * d * group));
+    at::parallel_for(0, b * hkv, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(group * longest);
+        for (int64_t task = begin; task < end; ++task) {
+            const int64_t r = task / hkv, g = task % hkv, n = lengths[r];
+            const int64_t first = slots[r] - n + 1;
+            const float* q = q_out + (r * h + g * group) * d;
+            for (int64_t j = 0; j < n; ++j) {
+                const float* k = k_rows + ((first + j) * hkv + g) * d;
+                for (int64_t qh = 0; qh < group; ++qh) {
+                    const float* qq = q + qh * d;
+                    float dot = 0.f;
+                    for (int64_t i = 0; i < d; ++i) dot += qq[i] * k[i];
+                    scores[qh * n + j] = dot * scale;
+                }
+            }
+            for (int64_t qh = 0; qh < group; ++qh) {
+                float* sc = scores.data() + qh * n;
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+                float sum = 0.f;
+                for (int64_t j = 0; j < n; ++j) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
+                const float inv = 1.f / sum;
+                for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+                float* o = out + (r * h + g * group + qh) * d;
+                for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
+                for (int64_t j = 0; j < n; ++j) {
+                    const float* v = v_rows + ((first + j) * hkv + g) * d;
+                    const float p = sc[j];
+                    for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
+                }
+            }
+        }
+    });
+}
+
+std::vector<torch::Tensor> decode_attention(const torch::Tensor& qkv, const torch::Tensor& cos,
+                                            const torch::Tensor& sin, torch::Tensor k_rows,
+                                            torch::Tensor v_rows, const torch::Tensor& row_slots,
+                                            int64_t row_offset, const torch::Tensor& lengths,
+                                            torch::Tensor k_pool, torch::Tensor v_pool,
+                                            const torch::Tensor& pool_slots, int64_t n_heads,
+                                            int64_t n_kv_heads) {
+    TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "decode_attention: qkv [B, (H + 2·Hkv)·D], unit stride");
+    for (const auto* t : {&k_rows, &v_rows, &k_pool, &v_pool}) {
+        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                    "decode_attention: contiguous float32 key/value slots");
+    }
+    const int64_t b = qkv.size(0), d = cos.size(-1), slot = n_kv_heads * d;
+    TORCH_CHECK(n_heads % n_kv_heads == 0 && d % 2 == 0 && qkv.size(1) >= (n_heads + 2 * n_kv_heads) * d,
+                "decode_attention: qkv narrower than its heads");
+    auto cs = cos.contiguous(), sn = sin.contiguous();
+    auto rs = row_slots.to(torch::kLong).contiguous();
+    auto len = lengths.to(torch::kLong).contiguous(), pool = pool_slots.to(torch::kLong).contiguous();
+    TORCH_CHECK(cs.numel() == b * d && sn.numel() == b * d && rs.numel() == b && len.numel() == b &&
+                pool.numel() == b, "decode_attention: one cos/sin row, slot, length and pool slot per row");
+    std::vector<int64_t> slots(rs.data_ptr<int64_t>(), rs.data_ptr<int64_t>() + b);
+    for (auto& s : slots) s += row_offset;
+    const int64_t *sp = slots.data(), *lp = len.data_ptr<int64_t>(), *pp = pool.data_ptr<int64_t>();
+    const int64_t n_rows = std::min(k_rows.numel(), v_rows.numel()) / slot;
+    const int64_t n_pool = std::min(k_pool.numel(), v_pool.numel()) / slot;
+    for (int64_t r = 0; r < b; ++r) {
+        TORCH_CHECK(lp[r] >= 1 && sp[r] < n_rows && sp[r] - lp[r] + 1 >= 0 && pp[r] >= 0 && pp[r] < n_pool,
+                    "decode_attention: row ", r, " reaches outside its key/value slots");
+    }
+    auto f32 = qkv.options().dtype(torch::kFloat);
+    auto out = torch::empty({b, n_heads, d}, f32), q = torch::empty({b, n_heads, d}, f32);
+    auto run = [&](auto* p) {
+        decode_attention_impl(p, qkv.stride(0), cs.data_ptr<float>(), sn.data_ptr<float>(), k_rows.data_ptr<float>(),
+                              v_rows.data_ptr<float>(), sp, lp, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
+                              pp, out.data_ptr<float>(), q.data_ptr<float>(), b, n_heads, n_kv_heads, d);
+    };
+    if (qkv.scalar_type() == torch::kBFloat16) {
+        run(qkv.data_ptr<bf16>());
+    } else {
+        TORCH_CHECK(qkv.scalar_type() == torch::kFloat, "decode_attention: bfloat16 or float32 qkv");
+        run(qkv.data_ptr<float>());
+    }
+    return {out, q};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
+    m.def("silu_mul", &silu_mul, "silu(gate) * up on [.., gate | up]");
+    m.def("decode_attention", &decode_attention, "RoPE, KV append and attention for one token per row");
+}
