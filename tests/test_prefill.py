@@ -63,7 +63,7 @@ def test_only_a_chunk_starting_every_row_at_zero_skips_the_cache_read():
 
     def own_keys_only(positions, read_len=None):
         return _StepContext(cache, tables, positions, cfg.n_heads // cfg.n_kv_heads, read_len, None,
-                            torch.float32).own_keys_only
+                            torch.float32, None, None).own_keys_only      # no decode rows: no RoPE rows
 
     assert own_keys_only(torch.arange(8).expand(2, 8))
     assert not own_keys_only(torch.stack([torch.arange(8), torch.arange(8) + 16]))   # a later chunk
