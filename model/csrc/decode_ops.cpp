@@ -159,41 +159,46 @@ void decode_attention_impl(const T* qkv, int64_t qkv_stride, const float* cos, c
         std::copy(kdst, kdst + hkv * d, k_pool + pool_slots[r] * hkv * d);
         std::copy(vdst, vdst + hkv * d, v_pool + pool_slots[r] * hkv * d);
     }
-    // Attention: one task per (row, kv head), its query heads together so each key is read once.
+    // Attention, one task per row. Each key and value [Hkv, D] is read once, in order, for all
+    // of the row's query heads: a step finds its keys out of cache (a layer's weights passed
+    // through it since), and reading one KV head at a time strode through them (a batch-1 row
+    // of 150 tokens, cache cold: 76 → 23 µs).
     int64_t longest = 0;
     for (int64_t r = 0; r < b; ++r) longest = std::max(longest, lengths[r]);
-    // Threads only for tasks long enough to repay waking them (a batch-1 step at 150 tokens ran
-    // 21 µs a layer on one thread and 30 on two).
-    const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, longest * d * group));
-    at::parallel_for(0, b * hkv, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(group * longest);
-        for (int64_t task = begin; task < end; ++task) {
-            const int64_t r = task / hkv, g = task % hkv, n = lengths[r];
-            const int64_t first = slots[r] - n + 1;
-            const float* q = q_out + (r * h + g * group) * d;
+    // Threads only for work long enough to repay waking them.
+    const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, longest * d * h));
+    at::parallel_for(0, b, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(h * longest);
+        for (int64_t r = begin; r < end; ++r) {
+            const int64_t n = lengths[r], first = slots[r] - n + 1;
+            const float* q = q_out + r * h * d;
             for (int64_t j = 0; j < n; ++j) {
-                const float* k = k_rows + ((first + j) * hkv + g) * d;
-                for (int64_t qh = 0; qh < group; ++qh) {
+                const float* key = k_rows + (first + j) * hkv * d;
+                for (int64_t qh = 0; qh < h; ++qh) {
                     const float* qq = q + qh * d;
+                    const float* k = key + (qh / group) * d;
                     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)     // reassociated, so vectorized (a plain sum is not)
                     for (int64_t i = 0; i < d; ++i) dot += qq[i] * k[i];
                     scores[qh * n + j] = dot * scale;
                 }
             }
-            for (int64_t qh = 0; qh < group; ++qh) {
+            for (int64_t qh = 0; qh < h; ++qh) {
                 float* sc = scores.data() + qh * n;
-                float mx = -INFINITY;
-                for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-                const float sum = exp_shifted(sc, n, mx);
-                const float inv = 1.f / sum;
+                float mx = sc[0];
+                for (int64_t j = 1; j < n; ++j) mx = std::max(mx, sc[j]);
+                const float inv = 1.f / exp_shifted(sc, n, mx);
                 for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
-                float* o = out + (r * h + g * group + qh) * d;
-                for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
-                for (int64_t j = 0; j < n; ++j) {
-                    const float* v = v_rows + ((first + j) * hkv + g) * d;
-                    const float p = sc[j];
-                    for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
+            }
+            float* o = out + r * h * d;
+            std::fill(o, o + h * d, 0.f);
+            for (int64_t j = 0; j < n; ++j) {
+                const float* value = v_rows + (first + j) * hkv * d;
+                for (int64_t qh = 0; qh < h; ++qh) {
+                    const float p = scores[qh * n + j];
+                    const float* v = value + (qh / group) * d;
+                    float* oo = o + qh * d;
+                    for (int64_t i = 0; i < d; ++i) oo[i] += p * v[i];
                 }
             }
         }
