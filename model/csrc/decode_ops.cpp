@@ -33,6 +33,20 @@ inline __m512 exp512(__m512 x) {
     for (int i = 6; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
     return _mm512_scalef_ps(p, whole);
 }
+
+// 16 floats from float32 or bfloat16 memory, and back (bf16: round to nearest even, as c10's).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
 #endif
 
 // x[j] ← exp(x[j] − shift) → Σ x[j] (the softmax's numerators).
@@ -89,13 +103,10 @@ void silu_mul_rows(const T* in, int64_t in_stride, T* out, int64_t rows, int64_t
             T* y = out + r * f;
             int64_t i = 0;
 #if defined(__AVX512F__)
-            float gv[16], uv[16], yv[16];
             for (; i + 16 <= f; i += 16) {
-                for (int j = 0; j < 16; ++j) gv[j] = to_float(g[i + j]), uv[j] = to_float(u[i + j]);
-                const __m512 gx = _mm512_loadu_ps(gv);
+                const __m512 gx = load16(g + i);
                 const __m512 sig = _mm512_div_ps(gx, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gx))));
-                _mm512_storeu_ps(yv, _mm512_mul_ps(sig, _mm512_loadu_ps(uv)));
-                for (int j = 0; j < 16; ++j) y[i + j] = static_cast<T>(yv[j]);
+                store16(y + i, _mm512_mul_ps(sig, load16(u + i)));
             }
 #endif
             for (; i < f; ++i) {
