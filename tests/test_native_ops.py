@@ -85,6 +85,26 @@ def test_decode_attention_rotates_appends_and_attends_each_row_over_its_own_toke
                                  width, lengths, pool_k, pool_v, pool_slots, h, hkv)
 
 
+def test_a_long_row_alone_is_split_across_threads_and_merged_exactly(kernels):
+    g = torch.Generator().manual_seed(2)
+    h, hkv, d, n = 4, 2, 32, 2500        # long enough for a part per thread
+    rows_k, rows_v = torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g)
+    qkv = torch.randn(1, (h + 2 * hkv) * d, generator=g)
+    cos, sin = torch.ones(1, d), torch.zeros(1, d)           # position 0's rotation: none
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, q = kernels.decode_attention(qkv, cos, sin, rows_k, rows_v, torch.tensor([n - 1]), 0,
+                                          torch.tensor([n]), torch.zeros(1, hkv, d), torch.zeros(1, hkv, d),
+                                          torch.tensor([0]), h, hkv)
+    finally:
+        torch.set_num_threads(threads)
+    keys = rows_k.transpose(0, 1).repeat_interleave(h // hkv, 0)
+    values = rows_v.transpose(0, 1).repeat_interleave(h // hkv, 0)
+    ref = F.scaled_dot_product_attention(q[0][:, None], keys, values)[:, 0]
+    torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-5)
+
+
 def _decode_logits(model, prompts, adapters):
     """Prefill each prompt on its own, then decode 3 steps for all rows at once through the
     cache's decode rows (as the engine's CPU decode does) → the decode steps' logits."""

@@ -170,19 +170,33 @@ void decode_attention_impl(const T* qkv, int64_t qkv_stride, const float* cos, c
         std::copy(kdst, kdst + hkv * d, k_pool + pool_slots[r] * hkv * d);
         std::copy(vdst, vdst + hkv * d, v_pool + pool_slots[r] * hkv * d);
     }
-    // Attention, one task per row. Each key and value [Hkv, D] is read once, in order, for all
-    // of the row's query heads: a step finds its keys out of cache (a layer's weights passed
-    // through it since), and reading one KV head at a time strode through them (a batch-1 row
-    // of 150 tokens, cache cold: 76 → 23 µs).
+    // Attention, one task per row, or per part of a row when there are fewer rows than threads
+    // and they are long (a batch-1 chat deep into its context): each part keeps its own softmax
+    // maximum, sum and unnormalized output, merged after. A task reads each key and value
+    // [Hkv, D] once, in order, for all of the row's query heads: a step finds its keys out of
+    // cache (a layer's weights passed through it since), and reading one KV head at a time
+    // strode through them (a batch-1 row of 150 tokens, cache cold: 76 → 23 µs).
     int64_t longest = 0;
     for (int64_t r = 0; r < b; ++r) longest = std::max(longest, lengths[r]);
+    const int64_t work = longest * d * h, threads = at::get_num_threads();
     // Threads only for work long enough to repay waking them.
-    const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, longest * d * h));
-    at::parallel_for(0, b, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(h * longest);
-        for (int64_t r = begin; r < end; ++r) {
-            const int64_t n = lengths[r], first = slots[r] - n + 1;
+    const int64_t parts = b < threads ? std::clamp<int64_t>(work / 131072, 1, threads) : 1;
+    const int64_t grain = parts > 1 ? 1 : std::max<int64_t>(1, 262144 / std::max<int64_t>(1, work));
+    const int64_t span = (longest + parts - 1) / parts;      // keys per part at most
+    std::vector<float> part_max(b * parts * h), part_sum(b * parts * h), part_out(b * parts * h * d, 0.f);
+    at::parallel_for(0, b * parts, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(h * span);
+        for (int64_t task = begin; task < end; ++task) {
+            const int64_t r = task / parts, n_row = lengths[r], chunk = (n_row + parts - 1) / parts;
+            const int64_t j0 = std::min(n_row, task % parts * chunk), n = std::min(n_row, j0 + chunk) - j0;
+            const int64_t first = slots[r] - n_row + 1 + j0;
             const float* q = q_out + r * h * d;
+            float* o = part_out.data() + task * h * d;
+            if (n == 0) {       // a short row's empty part: weighs nothing in the merge
+                std::fill(part_sum.begin() + task * h, part_sum.begin() + (task + 1) * h, 0.f);
+                std::fill(part_max.begin() + task * h, part_max.begin() + (task + 1) * h, -INFINITY);
+                continue;
+            }
             for (int64_t j = 0; j < n; ++j) {
                 const float* key = k_rows + (first + j) * hkv * d;
                 for (int64_t qh = 0; qh < h; ++qh) {
@@ -198,11 +212,9 @@ void decode_attention_impl(const T* qkv, int64_t qkv_stride, const float* cos, c
                 float* sc = scores.data() + qh * n;
                 float mx = sc[0];
                 for (int64_t j = 1; j < n; ++j) mx = std::max(mx, sc[j]);
-                const float inv = 1.f / exp_shifted(sc, n, mx);
-                for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+                part_max[task * h + qh] = mx;
+                part_sum[task * h + qh] = exp_shifted(sc, n, mx);
             }
-            float* o = out + r * h * d;
-            std::fill(o, o + h * d, 0.f);
             for (int64_t j = 0; j < n; ++j) {
                 const float* value = v_rows + (first + j) * hkv * d;
                 for (int64_t qh = 0; qh < h; ++qh) {
@@ -214,6 +226,25 @@ void decode_attention_impl(const T* qkv, int64_t qkv_stride, const float* cos, c
             }
         }
     });
+    for (int64_t r = 0; r < b; ++r) {
+        for (int64_t qh = 0; qh < h; ++qh) {
+            float mx = -INFINITY;
+            for (int64_t p = 0; p < parts; ++p) mx = std::max(mx, part_max[(r * parts + p) * h + qh]);
+            float total = 0.f;
+            float* o = out + (r * h + qh) * d;
+            std::fill(o, o + d, 0.f);
+            for (int64_t p = 0; p < parts; ++p) {
+                const int64_t at = (r * parts + p) * h + qh;
+                if (part_sum[at] == 0.f) continue;
+                const float w = std::exp(part_max[at] - mx);
+                total += part_sum[at] * w;
+                const float* po = part_out.data() + at * d;
+                for (int64_t i = 0; i < d; ++i) o[i] += w * po[i];
+            }
+            const float inv = 1.f / total;
+            for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+        }
+    }
 }
 
 std::vector<torch::Tensor> decode_attention(const torch::Tensor& qkv, const torch::Tensor& cos,
