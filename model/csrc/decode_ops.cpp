@@ -5,7 +5,9 @@
 // it cannot be built. fp32 mode never uses these: it stays the reference arithmetic.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -19,7 +21,7 @@ template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
 #if defined(__AVX512F__)
-// exp(x) for x ≤ 0 (or small): 2^t = 2^round(t) · 2^f with |f| ≤ ½ and a degree-7 Taylor
+// exp(x) for |x| < 87 (clamped beyond): 2^t = 2^round(t) · 2^f with |f| ≤ ½ and a degree-7 Taylor
 // polynomial for 2^f (relative error ~1e-8). libm's expf is scalar here, and was a third of a
 // decode row's attention.
 inline __m512 exp512(__m512 x) {
