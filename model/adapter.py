@@ -219,22 +219,26 @@ def _pad_len(t: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(t.shape[0], pad, t.shape[2])], dim=1)
 
 
-def adapter_attention(q: torch.Tensor, a: LayerAdapterInputs, fused: bool = False) -> torch.Tensor:
+def adapter_attention(q: torch.Tensor, a: LayerAdapterInputs, fused: bool = False, kernels=None) -> torch.Tensor:
     """Gated attention of queries q [B, H, T, D] over the prompt keys/values → [B, H, T, D]
     (zero for rows in no group).
 
     fused: one SDPA call instead of product, softmax and product (3 kernels a layer fewer per
     step); the same math, rounded differently (float32: |Δ| ≲ 1e-6 of the output). The packed
-    non-fp32 weight modes use it; fp32 and training keep the explicit form, the reference."""
+    non-fp32 weight modes use it; fp32 and training keep the explicit form, the reference.
+    kernels: model/native_ops.py's, where those modes have them: the same math in one call
+    (SDPA's CPU kernel is slow on these small shapes: 32 decode rows, 170 µs against ~15)."""
     if len(a.groups) == 1 and a.groups[0].rows is None:
-        return _attend(q, a.groups[0], fused)
+        return _attend(q, a.groups[0], fused, kernels)
     out = torch.zeros_like(q)
     for g in a.groups:
-        out.index_copy_(0, g.rows, _attend(q.index_select(0, g.rows), g, fused))
+        out.index_copy_(0, g.rows, _attend(q.index_select(0, g.rows), g, fused, kernels))
     return out
 
 
-def _attend(q: torch.Tensor, a: AdapterRows, fused: bool = False) -> torch.Tensor:
+def _attend(q: torch.Tensor, a: AdapterRows, fused: bool = False, kernels=None) -> torch.Tensor:
+    if kernels is not None:
+        return kernels.gated_attention(q, a.keys, a.values, a.gates, a.key_mask)
     b, h, t, d = q.shape
     hkv = a.keys.shape[1]
     # Query heads sharing a KV head are folded together so GQA needs no key repetition.

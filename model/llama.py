@@ -131,7 +131,7 @@ class Attention(nn.Module):
         the gated adapter branches and wo."""
         b, _, t, _ = out.shape
         for gated in adapter.gated if adapter is not None else ():
-            out = out + adapter_attention(q, gated, self.fused_adapter_attention)
+            out = out + adapter_attention(q, gated, self.fused_adapter_attention, self.kernels)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         if lora is not None:
             return lora.add(("o",), out, (self.wo(out),))[0]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from adapter_helpers import random_lora
 from conftest import random_tiny_model
 from model import native_ops
-from model.adapter import compute_adapter_kv
+from model.adapter import AdapterBatch, adapter_attention, compute_adapter_kv
 from model.batch_adapters import BatchAdapters
 from model.kv_cache import DecodeRows, PagedKVCache
 from model.packed_linear import packing_available
@@ -103,6 +103,23 @@ def test_a_long_row_alone_is_split_across_threads_and_merged_exactly(kernels):
     values = rows_v.transpose(0, 1).repeat_interleave(h // hkv, 0)
     ref = F.scaled_dot_product_attention(q[0][:, None], keys, values)[:, 0]
     torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_adapter_attention_matches_the_explicit_reference(kernels):
+    model = random_tiny_model()
+    cfg = model.config
+    # Prompts of different lengths in one group (a key mask), a row with none, and a prompt
+    # over twice as long (its own group, a subset of the rows); one query and several.
+    kvs = [compute_adapter_kv(model, random_adapter(model, s, layers=(1,), k_len=k, per_head=True))
+           for s, k in ((1, 3), (2, 5), (3, 11))]
+    layer = AdapterBatch.build([kvs[0], None, kvs[1], kvs[2]], cfg.n_layers).layer(1)
+    assert len(layer.groups) == 2 and layer.groups[0].key_mask is not None
+    g = torch.Generator().manual_seed(4)
+    for t in (1, 3):
+        q = torch.randn(4, cfg.n_heads, t, cfg.head_dim, generator=g)
+        got, ref = adapter_attention(q, layer, True, kernels), adapter_attention(q, layer)
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def _decode_logits(model, prompts, adapters):
