@@ -2,8 +2,9 @@
 
 Why: in the packed weight modes a batch-1 decode step of the default model spent about as long
 in ~20 small kernels per layer (RMSNorm's seven, RoPE's four, casts, two KV writes, SDPA on a
-single query) as in its matmuls. The three fused kernels here do the same arithmetic in one
-pass each: RMSNorm, silu(gate)·up, and RoPE + KV append + attention over a decode row.
+single query) as in its matmuls. The fused kernels here do the same arithmetic in one pass
+each: RMSNorm, silu(gate)·up, RoPE + KV append + attention over a decode row, and
+LLaMA-Adapter's gated branch.
 
 The build (torch.utils.cpp_extension, about 30 s on 2 cores) goes to the cache directory, keyed
 by the source, the torch version and the CPU's instruction set (it is compiled for this CPU), so
