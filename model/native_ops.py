@@ -53,7 +53,7 @@ def build_dir() -> Path:
     cached = cache_root() / "native-ops" / key.hexdigest()[:16]
     try:
         cached.mkdir(parents=True, exist_ok=True)
-        if any(cached.glob("*.so")) or os.access(cached, os.W_OK):
+        if (cached / f"{NAME}.so").is_file() or os.access(cached, os.W_OK):
             return cached
     except OSError:
         pass
