@@ -268,7 +268,8 @@ class Transformer(nn.Module):
         be (not float32 on a oneDNN CPU) is left as it is.
 
         `fused_kernels`: in every mode but fp32 (the reference arithmetic), run RMSNorm,
-        silu·up and the decode rows' attention through model/native_ops.py where it builds.
+        silu·up, the decode rows' attention and the gated adapter branch through
+        model/native_ops.py where it builds.
         """
         if self.packed:
             raise ValueError("this model is already packed")
